@@ -1,0 +1,165 @@
+"""The parent's side of one started child: its Popen, its watch, its joiners.
+
+Theory of operation.  The exit status is consumed exactly once, through the
+``multiprocessing`` Popen (``poll()``), which is also what ``is_alive()``,
+``exitcode`` and ``multiprocessing.active_children()`` use, so they all agree.
+A watch (see ``_watchers``) only tells us *when* to poll.
+
+Many tasks may join one child.  They queue on one lock: the task holding it
+waits on the watch, the others wait for the lock and find the exit code
+already collected when they get it.  Cancelling the holder releases the lock,
+and the next task in the queue takes over the wait, so a cancelled join never
+loses a wake-up and never leaves a thread or a registration behind.  The lock
+belongs to one event loop; a join from another loop is refused while the first
+loop still has joiners, and gets a fresh lock once it has none.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.lowlevel import EventLoopToken, current_token
+
+from ._exceptions import ExitStatusLost
+from ._watchers import Place, Watch, usable_at_join
+
+if TYPE_CHECKING:
+    from multiprocessing.popen_fork import Popen
+
+
+class ChildState:
+    def __init__(self, popen: Popen, watch: Watch) -> None:
+        self.popen = popen
+        self.watch: Watch | None = watch
+        self.watcher_name = watch.name
+        self._token: EventLoopToken | None = None
+        self._lock: anyio.Lock | None = None
+        self._joiners = 0
+        self._waiting = False
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def poll(self) -> int | None:
+        """The exit code if the child has exited (collecting it), else None."""
+        code = self.popen.poll()
+        if code is not None and not self._waiting:
+            self._release_watch()
+        return code
+
+    async def wait(self) -> int:
+        """Wait for the child to exit and return its exit code."""
+        code = self.poll()
+        if code is not None:
+            await anyio.lowlevel.checkpoint()
+            return code
+        lock = self._lock_for_this_loop()
+        self._joiners += 1
+        try:
+            async with lock:
+                code = self.popen.returncode
+                if code is None:
+                    code = await self._wait_locked()
+                self._release_watch()
+                return code
+        finally:
+            self._joiners -= 1
+
+    def _lock_for_this_loop(self) -> anyio.Lock:
+        token = current_token()
+        if self._lock is None or self._token != token:
+            if self._joiners:
+                raise RuntimeError(
+                    f"pid {self.pid} is already being joined in another event loop; "
+                    "join a process from one event loop at a time"
+                )
+            self._token = token
+            self._lock = anyio.Lock()
+        return self._lock
+
+    async def _wait_locked(self) -> int:
+        watch = self.watch
+        if watch is None:  # pragma: no cover - released only once collected
+            raise RuntimeError("internal error: no watch for a running child")
+        method = self.popen.method
+        watch = self.watch = usable_at_join(watch, Place.here(method))
+        self.watcher_name = watch.name
+        self._waiting = True
+        try:
+            await watch.wait_exited()
+        except anyio.ClosedResourceError:
+            pass  # close() released the watch: the child had already exited
+        finally:
+            self._waiting = False
+        return await self._collect()
+
+    async def _collect(self) -> int:
+        """Collect the status of a child its watch saw exit."""
+        delay = 0.0001
+        while True:
+            code = self.popen.poll()
+            if code is not None:
+                return code
+            if self.popen.method == "forkserver":
+                # The child is gone; the fork server is about to write its code.
+                await anyio.wait_readable(self.popen.sentinel)
+                continue
+            try:
+                exited = os.waitid(  # noqa: ASYNC222 - WNOHANG: never blocks
+                    os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT
+                )
+            except ChildProcessError:
+                await anyio.lowlevel.checkpoint()
+                if self.popen.returncode is not None:  # collected by another thread
+                    return self.popen.returncode
+                raise ExitStatusLost(self.pid) from None
+            if exited is None:
+                # Only the sentinel watcher gets here: the pipe closed a moment
+                # before the child became a zombie, or the child exec'd.
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def wait_blocking(self) -> int | None:
+        """Wait for the child without an event loop (interpreter exit)."""
+        code = self.popen.wait()
+        if code is None:
+            code = self.popen.returncode
+        if not self._waiting:
+            self._release_watch()
+        return code
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        watch = self.watch
+        if watch is not None:
+            watch.send_signal(sig)
+        elif self.popen.returncode is None:  # pragma: no cover - defensive
+            self.popen._send_signal(sig)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Release everything; the child must have exited and been collected."""
+        watch = self.watch
+        if watch is not None and self._waiting:
+            fd = watch.wake_fd()
+            if fd is not None:
+                try:
+                    anyio.notify_closing(fd)
+                except Exception:
+                    raise ValueError(
+                        "cannot close a process while join() waits for it in an "
+                        "event loop of another thread; await that join first"
+                    ) from None
+        self._release_watch()
+        self.popen.close()
+
+    def _release_watch(self) -> None:
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.close()

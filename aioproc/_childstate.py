@@ -1,0 +1,64 @@
+"""Giving a child a fresh start: no event loop state inherited from the parent.
+
+A child forked from inside a running loop is a copy of a thread that was in the
+middle of that loop.  Unless reset, it would believe the loop is still running
+(``asyncio.run`` and ``anyio.run`` refuse to start), it would share the
+parent's wake-up fd, and the loop's signal handlers would swallow SIGINT and
+SIGTERM instead of behaving as in a fresh interpreter.  This runs first thing in
+every AsyncProcess child (a spawn or forkserver child has nothing to reset, so
+it costs nothing there).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+# Modules whose signal handlers belong to an event loop, not to the program.
+_LOOP_MODULES = ("asyncio", "trio", "uvloop", "anyio", "aioproc")
+
+
+def _belongs_to_a_loop(handler: object) -> bool:
+    target = getattr(handler, "func", handler)  # functools.partial
+    module = getattr(target, "__module__", None) or ""
+    return module.split(".", 1)[0] in _LOOP_MODULES
+
+
+def reset_loop_state() -> None:
+    """Forget every event loop the parent was running in this thread."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None:
+        events = asyncio.events
+        events._set_running_loop(None)
+        policy = getattr(events, "_event_loop_policy", None)
+        local = getattr(policy, "_local", None)
+        if local is not None:
+            policy._local = type(local)()  # type: ignore[union-attr]
+
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is not None:
+        sniffio.thread_local.name = None
+
+    anyio_eventloop = sys.modules.get("anyio._core._eventloop")
+    if anyio_eventloop is not None:
+        for attr in ("current_token", "current_cancel_scope"):
+            anyio_eventloop.threadlocals.__dict__.pop(attr, None)
+
+    trio_run_context = sys.modules.get("trio._core._run_context")
+    if trio_run_context is not None:
+        for attr in ("runner", "task"):
+            trio_run_context.GLOBAL_RUN_CONTEXT.__dict__.pop(attr, None)
+
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # pragma: no cover - not the main thread
+        return
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (OSError, ValueError):  # pragma: no cover
+            continue
+        if handler is signal.default_int_handler or not _belongs_to_a_loop(handler):
+            continue
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, default)

@@ -1,0 +1,78 @@
+"""The ``pidfd`` watcher: a process file descriptor, readable once the child exits.
+
+Linux >= 5.3 (``pidfd_open``).  The descriptor is opened right after the child
+exists, before anything could reap the pid, so it always names our child; it
+becomes readable when the child exits, which ``anyio.wait_readable`` turns into a
+wake-up of the event loop with no thread and no polling.  Signals go through
+``pidfd_send_signal``, which cannot hit a recycled pid even for a forkserver
+child that the fork server has already reaped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._base import Watch
+
+if TYPE_CHECKING:
+    from multiprocessing.popen_fork import Popen
+
+#: Tests set this to False to play an old kernel; None means "not probed yet".
+supported: bool | None = None
+
+# pidfd_open fails like this where the kernel or a sandbox does not allow it.
+_UNSUPPORTED_ERRNOS = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EINVAL})
+
+
+def is_supported() -> bool:
+    """Whether this kernel and sandbox let us open a pidfd (probed once)."""
+    global supported
+    if supported is None:
+        if not hasattr(os, "pidfd_open"):
+            supported = False
+        else:
+            try:
+                os.close(os.pidfd_open(os.getpid()))
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED_ERRNOS:
+                    raise  # EMFILE and friends say nothing about support
+                supported = False
+            else:
+                supported = True
+    return supported
+
+
+class PidfdWatch(Watch):
+    name = "pidfd"
+
+    def __init__(self, popen: Popen) -> None:
+        super().__init__(popen)
+        self.fd = os.pidfd_open(popen.pid)
+
+    async def wait_exited(self) -> None:
+        await anyio.wait_readable(self.fd)
+
+    def wake_fd(self) -> int | None:
+        return self.fd if self.fd >= 0 else None
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        if self.popen.returncode is None and self.fd >= 0:
+            try:
+                signal.pidfd_send_signal(self.fd, sig)
+            except ProcessLookupError:
+                pass
+        else:
+            super().send_signal(sig)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()

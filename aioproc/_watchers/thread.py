@@ -1,0 +1,68 @@
+"""The ``thread`` watcher: a blocking wait in a thread of its own.
+
+The last resort, and the baseline the benchmarks compare against.  One thread
+per child at most, however many tasks join it and however often they are
+cancelled: the thread is started by the first join and ends when the child
+does; later joins wait on the same pipe it writes to when it is done.  The
+thread only waits (``waitid`` with ``WNOWAIT``, or the forkserver sentinel); the
+status is collected in the event loop, like every other watcher's.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection
+import os
+import threading
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._base import Watch
+
+if TYPE_CHECKING:
+    from multiprocessing.popen_fork import Popen
+
+
+class ThreadWatch(Watch):
+    name = "thread"
+
+    def __init__(self, popen: Popen) -> None:
+        super().__init__(popen)
+        self._thread: threading.Thread | None = None
+        self._rfd = self._wfd = -1
+
+    async def wait_exited(self) -> None:
+        if self._thread is None:
+            self._rfd, self._wfd = os.pipe()
+            self._thread = threading.Thread(
+                target=self._wait_blocking,
+                name=f"aioproc-wait-{self.popen.pid}",
+                daemon=True,
+            )
+            self._thread.start()
+        await anyio.wait_readable(self._rfd)
+
+    def _wait_blocking(self) -> None:
+        # Wait without collecting the status: the loop does that, through Popen.
+        try:
+            if self.popen.method == "forkserver":
+                multiprocessing.connection.wait([self.popen.sentinel])
+            else:
+                os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass  # already collected by a poll in another thread
+        finally:
+            os.write(self._wfd, b"\0")
+
+    def wake_fd(self) -> int | None:
+        return self._rfd if self._rfd >= 0 else None
+
+    def close(self) -> None:
+        if self._thread is not None:
+            # The child has exited, so the thread has written or is about to.
+            self._thread.join()
+            self._thread = None
+        for fd in (self._rfd, self._wfd):
+            if fd >= 0:
+                os.close(fd)
+        self._rfd = self._wfd = -1

@@ -1,0 +1,1 @@
+"""aioproc benchmarks: ``python -m benchmarks``."""

@@ -1,0 +1,69 @@
+"""Helpers for tests: the kernel's view of our children and descriptors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from multiprocessing import forkserver, resource_tracker
+
+
+def children_of_this_process() -> set[int]:
+    """Pids of every live or zombie child of this process, from /proc."""
+    pids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/self/task/{tid}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+def fork_server_and_helpers() -> set[int]:
+    """Long-lived children multiprocessing keeps on purpose."""
+    pids = set()
+    server_pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if server_pid:
+        pids.add(server_pid)
+    tracker_pid = getattr(resource_tracker._resource_tracker, "_pid", None)
+    if tracker_pid:
+        pids.add(tracker_pid)
+    return pids
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether *pid* names a process that has not been reaped (zombies count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def state_of(pid: int) -> str | None:
+    """The one-letter state from /proc/<pid>/stat (Z for a zombie), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def killed_afterwards(pid: int) -> Iterator[None]:
+    """Make sure a process that is not our child (a grandchild) is gone afterwards."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        fd = None
+        with contextlib.suppress(ProcessLookupError):
+            fd = os.pidfd_open(pid)
+        if fd is not None:
+            import select
+
+            select.select([fd], [], [], 10)
+            os.close(fd)

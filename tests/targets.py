@@ -1,0 +1,156 @@
+"""Functions that run in child processes (module level, so spawn can pickle them)."""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import os
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+
+
+def noop() -> None:
+    pass
+
+
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+def hard_exit(code: int) -> None:
+    os._exit(code)
+
+
+def raise_error() -> None:
+    raise RuntimeError("boom from the child")
+
+
+def segfault() -> None:
+    faulthandler.disable()  # pytest enables it; a real crash needs no traceback
+    ctypes.string_at(0)
+
+
+def kill_self(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(10)
+
+
+def ready_then_sleep(conn: Connection, seconds: float) -> None:
+    conn.send("ready")
+    conn.close()
+    time.sleep(seconds)
+
+
+def ready_then_wait_for_sigint(conn: Connection) -> None:
+    """Exit 42 if SIGINT raises KeyboardInterrupt, as in a fresh interpreter."""
+    try:
+        conn.send("ready")
+        time.sleep(30)
+    except KeyboardInterrupt:
+        os._exit(42)
+    os._exit(1)
+
+
+def ignore_sigterm_then_sleep(conn: Connection, seconds: float) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn.send("ready")
+    time.sleep(seconds)
+
+
+def fork_grandchild_then_exit(conn: Connection, seconds: float) -> None:
+    """Fork a grandchild that inherits every fd and outlives us; report its pid."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(seconds)
+        os._exit(0)
+    conn.send(pid)
+    conn.close()
+
+
+def send_name(conn: Connection) -> None:
+    import multiprocessing
+
+    conn.send(multiprocessing.current_process().name)
+
+
+def start_nested_and_send_names(conn: Connection) -> None:
+    import anyio
+
+    from aioproc import AsyncProcess
+
+    async def main() -> None:
+        p = AsyncProcess(target=noop)
+        p.start()
+        code = await p.join()
+        conn.send((p.name, code))
+
+    anyio.run(main)
+
+
+def send_value(conn: Connection, value: object) -> None:
+    conn.send(value)
+
+
+def run_asyncio_loop() -> None:
+    import asyncio
+
+    async def main() -> int:
+        await asyncio.sleep(0)
+        return 7
+
+    sys.exit(asyncio.run(main()))
+
+
+def run_anyio_loop(backend: str) -> None:
+    import anyio
+
+    async def main() -> int:
+        await anyio.lowlevel.checkpoint()
+        return 8
+
+    sys.exit(anyio.run(main, backend=backend))
+
+
+def run_trio_loop() -> None:
+    import trio
+
+    async def main() -> int:
+        await trio.lowlevel.checkpoint()
+        return 9
+
+    sys.exit(trio.run(main))
+
+
+def join_self() -> None:
+    """Exit 3 if joining the current process raises RuntimeError."""
+    import multiprocessing
+
+    import anyio
+
+    me = multiprocessing.current_process()
+
+    async def main() -> None:
+        await me.join()  # type: ignore[func-returns-value,misc]
+
+    try:
+        anyio.run(main)
+    except RuntimeError:
+        os._exit(3)
+    os._exit(1)
+
+
+def start_child_from_daemon() -> None:
+    """Exit 4 if a daemonic process is refused a child of its own."""
+    from aioproc import AsyncProcess
+
+    try:
+        AsyncProcess(target=noop).start()
+    except RuntimeError:
+        os._exit(4)
+    os._exit(1)

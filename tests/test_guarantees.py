@@ -1,0 +1,213 @@
+"""What aioproc promises beyond the API: no threads, no zombies, no leaked fds,
+no foreign child reaped, a clean interpreter exit."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import uvloop
+
+from aioproc import AsyncProcess
+
+from . import targets
+from .helpers import children_of_this_process, open_fds
+
+DEADLINE = 60
+
+
+def _wait_for_eof(read_fd: int, write_fd: int) -> None:
+    """Child: let go of the barrier's write end, then wait for the parent's release."""
+    os.close(write_fd)
+    os.read(read_fd, 1)
+
+
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [
+        ("asyncio", {}),
+        ("asyncio", {"loop_factory": uvloop.new_event_loop}),
+        ("trio", {}),
+    ],
+    ids=["asyncio", "uvloop", "trio"],
+)
+def test_no_thread_and_no_fork_warning_with_1000_children(
+    backend: str, options: dict[str, Any]
+) -> None:
+    """The default (pidfd) path creates no thread, so os.fork() never warns.
+
+    Runs its own loop: anyio's pytest plugin runs trio in guest mode, whose I/O
+    thread would make the count meaningless.
+    """
+    n = 1000
+    threads_before = threading.active_count()
+    seen: dict[str, int] = {}
+
+    async def main() -> list[int | None]:
+        r, w = os.pipe()
+        procs = [AsyncProcess(target=_wait_for_eof, args=(r, w)) for _ in range(n)]
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            os.close(w)  # release them all at once (an exit storm)
+            os.close(r)
+        codes: list[int | None] = [None] * n
+
+        async def join(i: int) -> None:
+            codes[i] = await procs[i].join()
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(join, i)
+                await anyio.lowlevel.checkpoint()
+                seen["threads_while_joining"] = threading.active_count()
+        seen["watchers"] = len({p.watcher for p in procs})
+        assert {p.watcher for p in procs} == {"pidfd"}
+        for p in procs:
+            p.close()
+        return codes
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        codes = anyio.run(main, backend=backend, backend_options=options)
+    assert codes == [0] * n
+    assert seen["threads_while_joining"] == threads_before
+    assert threading.active_count() == threads_before
+    fork_warnings = [w for w in caught if "fork" in str(w.message)]
+    assert fork_warnings == []
+
+
+async def test_no_fd_leaked_across_200_processes(watcher: str) -> None:
+    gc.collect()
+    before = open_fds()
+    for _ in range(4):
+        batch = [AsyncProcess(target=targets.noop) for _ in range(50)]
+        for p in batch:
+            p.start()
+        with anyio.fail_after(DEADLINE):
+            for p in batch[::2]:
+                assert await p.join() == 0
+                p.close()  # explicitly released
+            for p in batch[1::2]:
+                assert await p.join() == 0  # released by the garbage collector
+        del batch, p
+    gc.collect()
+    assert open_fds() - before == set()
+
+
+def test_no_zombie_afterwards() -> None:
+    """In a fresh interpreter: after the joins, the kernel has no child of ours left."""
+    script = textwrap.dedent(
+        """
+        import os, anyio
+        from aioproc import AsyncProcess
+        def noop(): pass
+        async def main():
+            procs = [AsyncProcess(target=noop) for _ in range(20)]
+            for p in procs: p.start()
+            for p in procs: assert await p.join() == 0
+            try:
+                os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                print("ECHILD")
+        anyio.run(main)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ECHILD"
+
+
+async def test_foreign_children_keep_their_exit_status(watcher: str) -> None:
+    """aioproc never reaps a child it did not start, whatever the watcher."""
+    forked = os.fork()
+    if forked == 0:
+        os._exit(5)
+    plain = multiprocessing.Process(target=targets.exit_with, args=(6,))
+    plain.start()
+    with anyio.fail_after(DEADLINE):
+        sub = await anyio.open_process([sys.executable, "-c", "raise SystemExit(4)"])
+    try:
+        ours = [AsyncProcess(target=targets.sleep, args=(0.05 * i,)) for i in range(10)]
+        for p in ours:
+            p.start()
+        with anyio.fail_after(DEADLINE):
+            assert [await p.join() for p in ours] == [0] * 10
+            assert await sub.wait() == 4
+    finally:
+        await sub.aclose()
+    plain.join(DEADLINE)
+    assert plain.exitcode == 6
+    pid, status = os.waitpid(forked, 0)
+    assert pid == forked
+    assert os.waitstatus_to_exitcode(status) == 5
+
+
+EXIT_SCRIPT = """
+import atexit, os, sys, time
+
+def report():  # runs after multiprocessing's exit handler (atexit is LIFO)
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        left = "some"
+    except ChildProcessError:
+        left = "none"
+    print(f"daemon={daemon.exitcode} worker={worker.exitcode} children={left}", flush=True)
+
+atexit.register(report)
+
+import asyncio
+from aioproc import AsyncProcess
+
+def sleep(s): time.sleep(s)
+
+def start_grandchild_and_leave():
+    AsyncProcess(target=sleep, args=(0.3,)).start()  # never joined: waited at exit
+
+async def main():
+    global daemon, worker
+    daemon = AsyncProcess(target=sleep, args=(60,), daemon=True)
+    worker = AsyncProcess(target=start_grandchild_and_leave)
+    daemon.start()
+    worker.start()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_interpreter_exit_terminates_daemons_and_waits_for_the_rest(tmp_path: Any) -> None:
+    script = tmp_path / "exit_script.py"
+    script.write_text(EXIT_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "daemon=-15 worker=0 children=none"
+    assert out.stderr == ""  # in particular no "coroutine ... was never awaited"
+
+
+def test_children_helper_sees_real_children() -> None:
+    """The leak check of conftest works: it sees a child, then does not."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    assert pid in children_of_this_process()
+    os.waitpid(pid, 0)
+    assert pid not in children_of_this_process()

@@ -1,0 +1,598 @@
+"""AsyncProcess: the multiprocessing.Process API with an awaitable join."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import anyio
+import pytest
+import uvloop
+
+from aioproc import AsyncProcess
+
+from . import targets
+from .helpers import killed_afterwards, pid_exists
+
+pytestmark = pytest.mark.anyio
+
+CONTEXTS = ["fork", "forkserver", "spawn"]
+ASYNCIO_UVLOOP = ("asyncio", {"loop_factory": uvloop.new_event_loop})
+DEADLINE = 20  # seconds; a join that takes longer is a deadlock
+
+
+def started(target: Any, *args: Any, **kwargs: Any) -> AsyncProcess:
+    p = AsyncProcess(target=target, args=args, **kwargs)
+    p.start()
+    return p
+
+
+async def ready(conn: multiprocessing.connection.Connection) -> object:
+    """Wait (without blocking the loop) for the child's handshake."""
+    with anyio.fail_after(DEADLINE):
+        await anyio.wait_readable(conn.fileno())
+    return conn.recv()
+
+
+# -- basic lifecycle, on every backend x watcher x start method -----------------
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+async def test_start_and_join_returns_exit_code(watcher: str, context: str) -> None:
+    p = AsyncProcess(target=targets.exit_with, args=(3,), context=context)
+    assert (p.pid, p.ident, p.exitcode, p.is_alive()) == (None, None, None, False)
+    p.start()
+    assert p.watcher == watcher
+    assert isinstance(p.pid, int)
+    assert p.pid == p.ident
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 3
+    assert p.exitcode == 3
+    assert not p.is_alive()
+    assert p not in multiprocessing.active_children()
+    p.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "expected"),
+    [
+        (targets.noop, (), 0),
+        (targets.exit_with, (5,), 5),
+        (targets.hard_exit, (7,), 7),
+        (targets.raise_error, (), 1),
+        (targets.kill_self, (signal.SIGKILL,), -signal.SIGKILL),
+        (targets.segfault, (), -signal.SIGSEGV),
+    ],
+    ids=["zero", "sys.exit", "os._exit", "exception", "sigkill", "segfault"],
+)
+async def test_exit_codes(watcher: str, target: Any, args: tuple[Any, ...], expected: int) -> None:
+    p = started(target, *args)
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == expected
+    assert p.exitcode == expected
+
+
+async def test_terminate_kill_and_interrupt(watcher: str) -> None:
+    for method, expected in (("terminate", -signal.SIGTERM), ("kill", -signal.SIGKILL)):
+        recv, send = multiprocessing.Pipe(duplex=False)
+        p = started(targets.ready_then_sleep, send, 30)
+        await ready(recv)
+        assert p.is_alive()
+        getattr(p, method)()
+        with anyio.fail_after(DEADLINE):
+            assert await p.join() == expected
+        assert p.exitcode == expected
+        getattr(p, method)()  # after exit: nothing happens
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = started(targets.ready_then_wait_for_sigint, send)
+    await ready(recv)
+    p.interrupt()
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 42
+
+
+async def test_sigint_raises_keyboard_interrupt_in_forked_child() -> None:
+    """The parent loop's SIGINT handler is not inherited, whatever the parent loop."""
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = started(targets.ready_then_wait_for_sigint, send, context="fork")
+    await ready(recv)
+    p.interrupt()
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 42
+
+
+async def test_loop_signal_handlers_are_not_inherited(anyio_backend_name: str) -> None:
+    """A SIGTERM handler of the parent's loop would make a forked child immortal."""
+    if anyio_backend_name != "asyncio":
+        with anyio.open_signal_receiver(signal.SIGTERM):
+            await _terminate_forked_child()
+        return
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: None)
+    try:
+        await _terminate_forked_child()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _terminate_forked_child() -> None:
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = started(targets.ready_then_sleep, send, 30, context="fork")
+    await ready(recv)
+    p.terminate()
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == -signal.SIGTERM
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "expected"),
+    [
+        (targets.run_asyncio_loop, (), 7),
+        (targets.run_anyio_loop, ("asyncio",), 8),
+        (targets.run_anyio_loop, ("trio",), 8),
+        (targets.run_trio_loop, (), 9),
+    ],
+    ids=["asyncio.run", "anyio.run-asyncio", "anyio.run-trio", "trio.run"],
+)
+@pytest.mark.parametrize("context", CONTEXTS)
+async def test_child_can_run_its_own_event_loop(
+    context: str, target: Any, args: tuple[Any, ...], expected: int
+) -> None:
+    p = started(target, *args, context=context)
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == expected
+
+
+# -- join: timeouts, many joiners, cancellation ---------------------------------
+
+
+async def test_join_timeout_returns_none_and_child_keeps_running(watcher: str) -> None:
+    p = started(targets.sleep, 30)
+    assert await p.join(0) is None
+    assert await p.join(0.05) is None
+    assert await p.join(timeout=0.0) is None
+    assert p.exitcode is None
+    assert p.is_alive()
+    p.kill()
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == -signal.SIGKILL
+    for _ in range(3):  # joined again and again: same answer, at once
+        assert await p.join() == -signal.SIGKILL
+        assert await p.join(0) == -signal.SIGKILL
+
+
+async def test_many_joiners_all_wake(watcher: str) -> None:
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = started(targets.ready_then_sleep, send, 0.3)
+    await ready(recv)
+    results: list[int | None] = []
+
+    async def joiner() -> None:
+        results.append(await p.join())
+
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(joiner)
+    assert results == [0] * 50
+
+
+async def test_cancelled_joins_leave_the_child_running(watcher: str) -> None:
+    p = started(targets.sleep, 30)
+    # anyio cancel scope
+    with anyio.move_on_after(0.05) as scope:
+        await p.join()
+    assert scope.cancelled_caught
+    assert p.is_alive()
+    # a task group cancelled while many tasks join
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(p.join)
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert p.is_alive()
+    assert p.exitcode is None
+    # one joiner cancelled while another keeps waiting: the other still wakes
+    result: list[int | None] = []
+
+    async def survivor() -> None:
+        result.append(await p.join())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(survivor)
+        with anyio.move_on_after(0.05):
+            await p.join()
+        p.terminate()
+    assert result == [-signal.SIGTERM]
+    assert await p.join() == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", ASYNCIO_UVLOOP], ids=["asyncio", "uvloop"])
+async def test_asyncio_task_cancel_leaves_the_child_running() -> None:
+    p = started(targets.sleep, 30)
+    task = asyncio.ensure_future(p.join())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert p.is_alive()
+    p.kill()
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == -signal.SIGKILL
+
+
+async def test_join_does_not_block_the_loop(watcher: str) -> None:
+    p = started(targets.sleep, 0.3)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        with anyio.fail_after(DEADLINE):
+            assert await p.join() == 0
+        tg.cancel_scope.cancel()
+    assert ticks >= 10  # about 30 if the loop ran freely
+
+
+async def test_joined_as_soon_as_child_exits_despite_grandchild(watcher: str) -> None:
+    """A grandchild holding the sentinel pipe must not delay the join.
+
+    Except with the sentinel watcher, whose documented limit this shows: it
+    waits until the grandchild lets go of the pipe.
+    """
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = started(targets.fork_grandchild_then_exit, send, 30)
+    grandchild = await ready(recv)
+    assert isinstance(grandchild, int)
+    with killed_afterwards(grandchild):
+        if watcher == "sentinel":
+            assert await p.join(0.5) is None
+            assert pid_exists(grandchild)
+            os.kill(grandchild, signal.SIGKILL)
+        with anyio.fail_after(5):
+            assert await p.join() == 0
+        if watcher != "sentinel":
+            assert pid_exists(grandchild)
+
+
+# -- the stdlib API -----------------------------------------------------------
+
+
+async def test_names() -> None:
+    p = AsyncProcess(target=targets.noop)
+    assert p.name.startswith("AsyncProcess-")
+    assert int(p.name.split("-")[1]) > 0
+    q = AsyncProcess(target=targets.noop, name="worker")
+    assert q.name == "worker"
+    q.name = "renamed"
+    assert q.name == "renamed"
+    with pytest.raises(TypeError, match="name must be a str"):
+        q.name = 3  # type: ignore[assignment]
+
+    recv, send = multiprocessing.Pipe(duplex=False)
+    r = started(targets.start_nested_and_send_names, send)
+    nested = await ready(recv)
+    assert isinstance(nested, tuple)
+    nested_name, nested_code = nested
+    with anyio.fail_after(DEADLINE):
+        assert await r.join() == 0
+    assert nested_code == 0
+    outer_n = r.name.split("-")[1]
+    assert nested_name == f"AsyncProcess-{outer_n}:1"
+
+    recv, send = multiprocessing.Pipe(duplex=False)
+    s = AsyncProcess(target=targets.send_name, args=(send,), name="custom")
+    s.start()
+    assert await ready(recv) == "custom"
+    await s.join()
+
+
+class Doubler(AsyncProcess):
+    def __init__(
+        self, conn: multiprocessing.connection.Connection, value: int, context: str
+    ) -> None:
+        super().__init__(context=context)
+        self.conn = conn
+        self.value = value
+
+    def run(self) -> None:
+        self.conn.send(self.value * 2)
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+async def test_run_overridden_in_subclass(context: str) -> None:
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = Doubler(send, 21, context)
+    p.start()
+    assert await ready(recv) == 42
+    assert p.name.startswith("Doubler-")
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 0
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+async def test_run_assigned_on_instance(context: str) -> None:
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = AsyncProcess(context=context)
+    p.run = lambda: None  # type: ignore[method-assign]
+    p.run = _SendFortyTwo(send)  # type: ignore[method-assign]
+    p.start()
+    assert await ready(recv) == 42
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 0
+
+
+class _SendFortyTwo:
+    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
+        self.conn = conn
+
+    def __call__(self) -> None:
+        self.conn.send(42)
+
+
+async def test_kwargs_and_args() -> None:
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = AsyncProcess(target=targets.send_value, args=[send], kwargs={"value": "kw"})
+    p.start()
+    assert await ready(recv) == "kw"
+    await p.join()
+
+
+async def test_daemon_flag() -> None:
+    p = AsyncProcess(target=targets.start_child_from_daemon, daemon=True)
+    assert p.daemon
+    p.start()
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 4
+    with pytest.raises(RuntimeError, match="before start"):
+        p.daemon = False
+    q = AsyncProcess(target=targets.noop)
+    assert not q.daemon
+    q.daemon = True
+    assert q.daemon
+
+
+async def test_active_children_and_connection_wait() -> None:
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = started(targets.ready_then_sleep, send, 30)
+    await ready(recv)
+    assert p in multiprocessing.active_children()
+    assert multiprocessing.connection.wait([p.sentinel], timeout=0) == []
+    p.terminate()
+    with anyio.fail_after(DEADLINE):
+        await p.join()
+    assert multiprocessing.connection.wait([p.sentinel], timeout=5) == [p.sentinel]
+    assert p not in multiprocessing.active_children()
+
+
+async def test_active_children_reaps_through_the_same_popen() -> None:
+    """multiprocessing's own polling collects the status; join() still reports it."""
+    p = started(targets.exit_with, 6)
+    deadline = time.monotonic() + DEADLINE
+    while p in multiprocessing.active_children():
+        assert time.monotonic() < deadline
+        await anyio.sleep(0.01)
+    assert p.exitcode == 6
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 6
+
+
+async def test_authkey_and_sentinel() -> None:
+    p = AsyncProcess(target=targets.noop)
+    assert p.authkey == multiprocessing.current_process().authkey
+    with pytest.raises(ValueError, match="not started"):
+        _ = p.sentinel
+    p.start()
+    assert isinstance(p.sentinel, int)
+    await p.join()
+
+
+async def test_repr() -> None:
+    p = AsyncProcess(target=targets.sleep, args=(30,), name="r", daemon=True)
+    assert repr(p) == "<AsyncProcess name='r' initial daemon>"
+    p.start()
+    assert repr(p) == f"<AsyncProcess name='r' pid={p.pid} running daemon>"
+    p.terminate()
+    await p.join()
+    assert repr(p) == f"<AsyncProcess name='r' pid={p.pid} exitcode=-SIGTERM daemon>"
+    p.close()
+    assert repr(p) == "<AsyncProcess name='r' closed daemon>"
+
+
+async def test_close_releases_and_forbids_use() -> None:
+    p = started(targets.noop)
+    with anyio.fail_after(DEADLINE):
+        await p.join()
+    p.close()
+    p.close()  # twice is fine, as in the stdlib
+    for call in (p.start, p.is_alive, p.terminate, p.kill, p.interrupt):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+    with pytest.raises(ValueError, match="closed"):
+        await p.join()
+    with pytest.raises(ValueError, match="closed"):
+        _ = p.exitcode
+    with pytest.raises(ValueError, match="closed"):
+        _ = p.pid
+
+
+async def test_close_while_another_task_joins(watcher: str) -> None:
+    """close() right after the exit, before the joining task has run, wakes it."""
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = started(targets.ready_then_sleep, send, 30)
+    await ready(recv)
+    result: list[int | None] = []
+
+    async def joiner() -> None:
+        result.append(await p.join())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(joiner)
+        await anyio.sleep(0.05)
+        p.kill()
+        while p.exitcode is None:  # collected here, not by the joiner
+            await anyio.sleep(0.001)
+        p.close()
+    assert result == [-signal.SIGKILL]
+
+
+# -- misuse -------------------------------------------------------------------
+
+
+async def test_misuse_before_start() -> None:
+    p = AsyncProcess(target=targets.noop)
+    with pytest.raises(RuntimeError, match=r"call start\(\) first"):
+        await p.join()
+    for name in ("terminate", "kill", "interrupt"):
+        with pytest.raises(RuntimeError, match=r"call start\(\) first"):
+            getattr(p, name)()
+    p.close()  # closing an unstarted process is allowed
+
+
+async def test_misuse_start_twice_and_close_running() -> None:
+    p = started(targets.sleep, 30)
+    with pytest.raises(RuntimeError, match="cannot start a process twice"):
+        p.start()
+    with pytest.raises(ValueError, match="still running"):
+        p.close()
+    p.kill()
+    with anyio.fail_after(DEADLINE):
+        await p.join()
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error", "match"),
+    [
+        ("1", TypeError, "timeout must be a number"),
+        (True, TypeError, "timeout must be a number"),
+        ([], TypeError, "timeout must be a number"),
+        (-1, ValueError, "timeout must be >= 0"),
+        (-0.5, ValueError, "timeout must be >= 0"),
+        (float("nan"), ValueError, "NaN"),
+    ],
+)
+async def test_bad_timeouts(timeout: Any, error: type[Exception], match: str) -> None:
+    p = started(targets.noop)
+    with pytest.raises(error, match=match):
+        await p.join(timeout)
+    with anyio.fail_after(DEADLINE):
+        await p.join()
+
+
+async def test_huge_and_infinite_timeouts() -> None:
+    p = started(targets.sleep, 0.1)
+    with anyio.fail_after(DEADLINE):
+        assert await p.join(float("inf")) == 0
+    q = started(targets.sleep, 0.1)
+    with anyio.fail_after(DEADLINE):
+        assert await q.join(1e300) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"group": "g"}, ValueError, "group must be None"),
+        ({"target": 42}, TypeError, "target must be a callable"),
+        ({"target": targets.noop, "args": 5}, TypeError, "args must be a tuple"),
+        ({"target": targets.noop, "kwargs": [1]}, TypeError, "kwargs must be a dict"),
+        ({"target": targets.noop, "name": 1}, TypeError, "name must be a str"),
+        ({"target": targets.noop, "context": "nope"}, ValueError, "unknown start method"),
+        ({"target": targets.noop, "context": 3}, TypeError, "context must be"),
+    ],
+)
+def test_bad_constructor_arguments(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        AsyncProcess(**kwargs)
+
+
+async def test_child_cannot_join_itself() -> None:
+    p = started(targets.join_self)
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 3
+
+
+def _join_sibling_in_child(sibling: AsyncProcess) -> None:
+    async def main() -> None:
+        await sibling.join()
+
+    try:
+        anyio.run(main)
+    except RuntimeError as exc:
+        os._exit(5 if "child of this process" in str(exc) else 1)
+    os._exit(1)
+
+
+async def test_only_the_parent_can_join() -> None:
+    sibling = started(targets.sleep, 30)
+    p = started(_join_sibling_in_child, sibling, context="fork")
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 5
+    sibling.kill()
+    await sibling.join()
+
+
+def test_misuse_raises_under_python_O() -> None:
+    """Errors are real exceptions, not asserts that -O strips."""
+    import subprocess
+
+    script = r"""
+import anyio, math
+from aioproc import AsyncProcess
+def noop(): pass
+async def main():
+    seen = []
+    p = AsyncProcess(target=noop)
+    for call in (p.join, ):
+        try: await call()
+        except RuntimeError: seen.append("join-before-start")
+    for name in ("terminate", "kill", "interrupt"):
+        try: getattr(p, name)()
+        except RuntimeError: seen.append(name)
+    p.start()
+    try: p.start()
+    except RuntimeError: seen.append("start-twice")
+    try: await p.join(-1)
+    except ValueError: seen.append("negative")
+    try: await p.join("x")
+    except TypeError: seen.append("type")
+    await p.join()
+    try: p.daemon = True
+    except RuntimeError: seen.append("daemon-after-start")
+    p.close()
+    try: await p.join()
+    except ValueError: seen.append("closed")
+    try: AsyncProcess(group=1)
+    except ValueError: seen.append("group")
+    print(",".join(seen))
+if __name__ == "__main__":
+    anyio.run(main)
+"""
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().split(",") == [
+        "join-before-start",
+        "terminate",
+        "kill",
+        "interrupt",
+        "start-twice",
+        "negative",
+        "type",
+        "daemon-after-start",
+        "closed",
+        "group",
+    ]
