@@ -64,13 +64,16 @@ def ignore_sigterm_then_sleep(conn: Connection, seconds: float) -> None:
 
 
 def fork_grandchild_then_exit(conn: Connection, seconds: float) -> None:
-    """Fork a grandchild that inherits every fd and outlives us; report its pid."""
+    """Fork a grandchild that inherits every fd and outlives us; report its pid.
+
+    Exits when told to, so that the parent can be joining already.
+    """
     pid = os.fork()
     if pid == 0:
         time.sleep(seconds)
         os._exit(0)
     conn.send(pid)
-    conn.close()
+    conn.recv()
 
 
 def send_name(conn: Connection) -> None:

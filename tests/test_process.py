@@ -18,7 +18,7 @@ import uvloop
 from aioproc import AsyncProcess
 
 from . import targets
-from .helpers import killed_afterwards, pid_exists
+from .helpers import killed_afterwards, pid_exists, state_of
 
 pytestmark = pytest.mark.anyio
 
@@ -251,19 +251,29 @@ async def test_joined_as_soon_as_child_exits_despite_grandchild(watcher: str) ->
     Except with the sentinel watcher, whose documented limit this shows: it
     waits until the grandchild lets go of the pipe.
     """
-    recv, send = multiprocessing.Pipe(duplex=False)
-    p = started(targets.fork_grandchild_then_exit, send, 30)
-    grandchild = await ready(recv)
+    ours, theirs = multiprocessing.Pipe()
+    p = started(targets.fork_grandchild_then_exit, theirs, 30)
+    grandchild = await ready(ours)
     assert isinstance(grandchild, int)
     with killed_afterwards(grandchild):
+        async with anyio.create_task_group() as tg:
+            result: list[int | None] = []
+
+            async def join() -> None:
+                result.append(await p.join(timeout=2 if watcher == "sentinel" else 10))
+
+            tg.start_soon(join)
+            await anyio.sleep(0.05)  # the join is waiting on the watcher now
+            ours.send("exit")
+        assert pid_exists(grandchild)
         if watcher == "sentinel":
-            assert await p.join(0.5) is None
-            assert pid_exists(grandchild)
+            assert result == [None]
+            assert state_of(p.pid or 0) == "Z"  # the child had exited all along
             os.kill(grandchild, signal.SIGKILL)
-        with anyio.fail_after(5):
-            assert await p.join() == 0
-        if watcher != "sentinel":
-            assert pid_exists(grandchild)
+            with anyio.fail_after(5):
+                assert await p.join() == 0
+        else:
+            assert result == [0]
 
 
 # -- the stdlib API -----------------------------------------------------------
