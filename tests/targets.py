@@ -157,3 +157,9 @@ def start_child_from_daemon() -> None:
     except RuntimeError:
         os._exit(4)
     os._exit(1)
+
+
+def wait_for_eof(read_fd: int, write_fd: int) -> None:
+    """Let go of the barrier's write end, then wait until the parent releases it."""
+    os.close(write_fd)
+    os.read(read_fd, 1)

@@ -50,6 +50,8 @@ def is_supported() -> bool:
 class PidfdWatch(Watch):
     name = "pidfd"
 
+    fd = -1
+
     def __init__(self, popen: Popen) -> None:
         super().__init__(popen)
         self.fd = os.pidfd_open(popen.pid)

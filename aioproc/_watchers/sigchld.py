@@ -12,8 +12,9 @@ SIGCHLDs); since every wake-up checks every watched child, none is missed.
 
 The handler is installed when the first child is watched and removed, with the
 previous handler put back, when no child is watched any more.  If no signal
-wake-up fd is set (plain asyncio without signal handlers), the hub's pipe
-becomes it, so a SIGCHLD delivered to another thread still wakes the loop.
+wake-up fd is set (asyncio without signal handlers; trio always has one), the
+hub's pipe becomes it, so a SIGCHLD delivered to another thread (the kernel
+prefers the thread that forked the child) still wakes the loop at once.
 
 Where it cannot work: off the main thread (only it may install handlers), under
 uvloop (libuv owns SIGCHLD and rejects a second handler), and for forkserver
@@ -22,6 +23,7 @@ children (they are the fork server's, so their SIGCHLD never reaches us).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from typing import Any
@@ -42,6 +44,8 @@ class _Hub:
         os.set_blocking(self.wfd, False)
         self.watches: set[SigchldWatch] = set()
         self.leader: SigchldWatch | None = None
+        # Trio always has a wake-up fd of its own; asyncio only with signal handlers.
+        self.asyncio = isinstance(token.native_token, asyncio.AbstractEventLoop)
         #: Signals seen by the handler; read by tests and the benchmark.
         self.wakeups = 0
 
@@ -115,7 +119,7 @@ def _hub_for_this_loop() -> _Hub:
         if not _hubs:
             _install()
         _hubs[token] = hub
-        if _our_wakeup_fd < 0:
+        if _our_wakeup_fd < 0 and hub.asyncio:
             _wake_ups_to(hub)
     return hub
 
@@ -123,18 +127,25 @@ def _hub_for_this_loop() -> _Hub:
 def _drop_hub(hub: _Hub) -> None:
     global _our_wakeup_fd
     del _hubs[hub.token]
-    if hub.wfd == _our_wakeup_fd and _hubs:
-        # Another loop still watches: its pipe takes over the wake-ups.
+    if hub.wfd == _our_wakeup_fd:
         signal.set_wakeup_fd(-1)
         _our_wakeup_fd = -1
-        _wake_ups_to(next(iter(_hubs.values())))
+        for other in _hubs.values():  # another asyncio loop still watches
+            if other.asyncio:
+                _wake_ups_to(other)
+                break
     if not _hubs:
         _uninstall()
     hub.close()
 
 
 def _wake_ups_to(hub: _Hub) -> None:
-    """Make *hub*'s pipe the signal wake-up fd, unless someone else's is set."""
+    """Make *hub*'s pipe the signal wake-up fd, unless someone else's is set.
+
+    Python offers no way to read the wake-up fd without replacing it, and
+    putting one back loses its ``warn_on_full_buffer`` flag; so this is only
+    done under asyncio, whose own wake-up fd uses the default flag.
+    """
     global _our_wakeup_fd
     previous = signal.set_wakeup_fd(hub.wfd, warn_on_full_buffer=False)
     if previous == -1:
@@ -228,3 +239,6 @@ class SigchldWatch(Watch):
             hub.watches.discard(self)
             if not hub.watches:
                 _drop_hub(hub)
+            elif hub.leader is None:
+                # The task we handed over to may be leaving too: pass it on.
+                hub.hand_over()
