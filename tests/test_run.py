@@ -390,7 +390,7 @@ async def test_failing_sibling_stops_the_other_children(watcher: str) -> None:
 
 
 async def test_cancelled_task_group_of_50_leaves_no_child(
-    watcher: str, record_property: Any
+    watcher: str, request: pytest.FixtureRequest, record_property: Any
 ) -> None:
     """50 runs in a task group, cancelled half-way: 25 returned, 25 still running.
 
@@ -423,7 +423,7 @@ async def test_cancelled_task_group_of_50_leaves_no_child(
     started = finished + running
     alive = [pid for pid in started if pid_exists(pid)]
     line = f"children started: {len(set(started))}, alive afterwards: {len(alive)}"
-    print(f"\n[{watcher}] {line}")
+    print(f"\n[{request.node.callspec.id}] {line}")
     record_property("cancellation", line)
     assert len(set(started)) == n
     assert alive == []
