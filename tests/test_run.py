@@ -291,6 +291,7 @@ async def test_timeout_terminates_reaps_and_raises(watcher: str) -> None:
         await aioproc.run(targets.send_pid_then_sleep, send, 60, timeout=0.5)
     err = info.value
     assert isinstance(err, TimeoutError)
+    assert recv.poll(), "the child had not started within 0.5 s"
     assert err.pid == recv.recv()
     assert err.exitcode == -signal.SIGTERM
     assert str(err) == (
