@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class WatcherUnavailable(RuntimeError):
     """Raised when a watcher that was asked for by name cannot work here.
@@ -27,3 +29,94 @@ class ExitStatusLost(ChildProcessError):
             "SIG_IGN); aioproc cannot report its exit code"
         )
         self.pid = pid
+
+
+# -- aioproc.run ----------------------------------------------------------------
+
+
+class ProcessError(Exception):
+    """Base class: the child of ``aioproc.run`` ended without delivering a result.
+
+    ``pid`` is the child's process id; ``exitcode`` is what ``join()`` returned
+    (negative: the number of the signal that killed it), or None when the child
+    could not be reaped (see ``UnkillableProcessWarning``).
+    """
+
+    def __init__(self, message: str, *, pid: int, exitcode: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_process_error, (type(self), str(self), self.pid, self.exitcode))
+
+
+def _rebuild_process_error(
+    cls: type[ProcessError], message: str, pid: int, exitcode: int | None
+) -> ProcessError:
+    return cls(message, pid=pid, exitcode=exitcode)
+
+
+class ProcessDied(ProcessError):
+    """Raised by ``aioproc.run`` when the child exits before sending a result.
+
+    A signal (SIGKILL from the out-of-memory killer, SIGSEGV from a crash),
+    ``os._exit()`` or ``sys.exit()`` in the function, or an interpreter that
+    could not start the function.  The message names the signal:
+    ``"process 1234 running crunch() died with SIGSEGV (exit code -11) before
+    returning a result"``.
+    """
+
+
+class ProcessTimeout(ProcessError, TimeoutError):
+    """Raised by ``aioproc.run`` when *timeout* passed before the child exited.
+
+    By then the child has been stopped (SIGTERM, then SIGKILL after the grace
+    period) and reaped; ``exitcode`` says how it ended.  It is a
+    ``TimeoutError``, so ``except TimeoutError`` catches it.
+    """
+
+
+class RemoteError(Exception):
+    """Stands in for an exception from the child that could not cross to the parent.
+
+    Raised by ``aioproc.run`` when the function raised an exception that cannot
+    be pickled in the child or unpickled in the parent.  It keeps what can be
+    kept: ``type_name`` (``"module.QualName"``), ``message`` (``str(exc)``) and
+    ``traceback_text``, which is also attached as ``__cause__``.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.type_name, self.message, self.traceback_text))
+
+
+class RemoteTraceback(Exception):
+    """The ``__cause__`` of an exception re-raised by ``aioproc.run``: the child's traceback.
+
+    Never raised on its own; it exists so that a printed traceback shows where
+    in the child the exception came from.  ``traceback_text`` holds the text.
+    """
+
+    def __init__(self, traceback_text: str) -> None:
+        super().__init__(traceback_text)
+        self.traceback_text = traceback_text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback_text.rstrip()}\n"""'
+
+
+class UnkillableProcessWarning(RuntimeWarning):
+    """Warned by ``aioproc.run`` when a child is still alive a while after SIGKILL.
+
+    A process stuck in the kernel (uninterruptible sleep, state D) or held by a
+    debugger cannot die until the kernel lets it.  Rather than wait forever,
+    ``run`` names the pid in this warning and lets the timeout or cancellation
+    propagate.  The child is not forgotten: aioproc reaps it at the next
+    ``aioproc.run()`` call, or waits a bounded time for it at interpreter exit.
+    """

@@ -67,3 +67,72 @@ def killed_afterwards(pid: int) -> Iterator[None]:
 
             select.select([fd], [], [], 10)
             os.close(fd)
+
+
+# -- a child that survives SIGKILL, and orphans -------------------------------------
+
+# A tracer that holds a process in its PTRACE_EVENT_EXIT stop: once SIGKILL
+# arrives, the process is dying but not dead (not reaped, its pidfd not readable)
+# for as long as the tracer wants, which is what a process stuck in the kernel
+# looks like to its parent.  Stops before that (SIGTERM) are passed on.  It
+# lets go when its stdin closes.
+TRACER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+PTRACE_CONT, PTRACE_DETACH, PTRACE_SEIZE = 7, 17, 0x4206
+PTRACE_O_TRACEEXIT, PTRACE_EVENT_EXIT, WALL = 0x40, 6, 0x40000000
+pid = int(sys.argv[1])
+if libc.ptrace(PTRACE_SEIZE, pid, None, ctypes.c_void_p(PTRACE_O_TRACEEXIT)) != 0:
+    print("error", os.strerror(ctypes.get_errno()), flush=True)
+    sys.exit(1)
+print("seized", flush=True)
+while True:
+    _, status = os.waitpid(pid, WALL)
+    if not os.WIFSTOPPED(status):
+        print("gone", flush=True)
+        break
+    if status >> 16 == PTRACE_EVENT_EXIT:
+        print("holding", flush=True)
+        sys.stdin.read()
+        libc.ptrace(PTRACE_DETACH, pid, None, None)
+        break
+    libc.ptrace(PTRACE_CONT, pid, None, ctypes.c_void_p(os.WSTOPSIG(status)))
+"""
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(on: bool) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+@contextlib.contextmanager
+def reaping_orphans(deadline: float = 30.0) -> Iterator[None]:
+    """Adopt and reap the orphans of the scripts a test runs (their fork server...).
+
+    PID 1 of some containers never reaps, so an orphan would stay a zombie
+    for good.  Inside the block this process is a child subreaper; at the end it
+    waits for every child that appeared meanwhile, killing it after *deadline*.
+    """
+    import time
+
+    before = children_of_this_process()
+    _set_subreaper(True)
+    try:
+        yield
+    finally:
+        _set_subreaper(False)
+        end = time.monotonic() + deadline
+        while left := children_of_this_process() - before:
+            for pid in left:
+                if time.monotonic() > end:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.01)

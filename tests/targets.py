@@ -163,3 +163,174 @@ def wait_for_eof(read_fd: int, write_fd: int) -> None:
     """Let go of the barrier's write end, then wait until the parent releases it."""
     os.close(write_fd)
     os.read(read_fd, 1)
+
+
+# -- for aioproc.run -------------------------------------------------------------
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def describe(*objects: object) -> str:
+    return repr(objects)
+
+
+def greet(name: str, *, punctuation: str = ".") -> str:
+    return f"hello {name}{punctuation}"
+
+
+def getpid() -> int:
+    return os.getpid()
+
+
+def sleep_and_return(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def send_pid_then_sleep(conn: Connection, seconds: float) -> None:
+    conn.send(os.getpid())
+    time.sleep(seconds)
+
+
+def ignore_sigterm_send_pid_then_sleep(conn: Connection, seconds: float) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn.send(os.getpid())
+    time.sleep(seconds)
+
+
+def pattern(size: int) -> bytes:
+    """*size* bytes that are not all alike, so that a shifted copy would not compare equal."""
+    block = bytes(range(256)) * 4096  # 1 MiB
+    return (block * (size // len(block) + 1))[:size]
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def raise_chained() -> None:
+    table: dict[str, int] = {}
+    try:
+        table["missing"]
+    except KeyError as exc:
+        raise RuntimeError("lookup failed") from exc
+
+
+class CarriesData(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message, code)
+        self.code = code
+
+
+def raise_with_data() -> None:
+    err = CarriesData("with data", 42)
+    if sys.version_info >= (3, 11):
+        err.add_note("a note from the child")
+    raise err
+
+
+class HoldsALock(Exception):
+    """Cannot be pickled: it carries a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable() -> None:
+    raise HoldsALock("locked in")
+
+
+class NeedsTwoArguments(Exception):
+    """Pickles, but cannot be unpickled: pickle calls it with args=(message,) only."""
+
+    def __init__(self, message: str, extra: int) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+
+def raise_unloadable() -> None:
+    raise NeedsTwoArguments("half of it", 2)
+
+
+def return_lock() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+def exit_via_sys_exit(code: int) -> None:
+    sys.exit(code)
+
+
+def _refuse_to_load() -> None:
+    raise ImportError("this object cannot be rebuilt in the child")
+
+
+class LoadsOnlyInTheParent:
+    """Pickles in the parent; unpickling it (in the child) raises."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_refuse_to_load, ())
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def _limit_address_space(headroom: int) -> None:
+    import resource
+
+    limit = _vm_size() + headroom
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def allocate_beyond_rlimit_as() -> int:
+    """Under RLIMIT_AS, ask for 1 GiB more than allowed: MemoryError."""
+    _limit_address_space(64 << 20)
+    data = bytearray(1 << 30)
+    return len(data)
+
+
+def run_out_of_memory_then_wait(conn: Connection) -> None:
+    """Exhaust RLIMIT_AS, keep what was allocated, report, and wait to be killed.
+
+    What the out-of-memory killer meets: a process that has taken all the
+    memory it may have.  The test then plays the killer's part (SIGKILL).
+    """
+    _limit_address_space(64 << 20)
+    hoard = []
+    try:
+        while True:
+            hoard.append(bytearray(1 << 20))
+    except MemoryError:
+        hoard.pop()  # room to report
+        conn.send((os.getpid(), len(hoard)))
+    time.sleep(60)
+
+
+def _rebuild_only_in_a_child() -> object:
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        raise ImportError("this object cannot be rebuilt in the parent")
+    return object()
+
+
+class LoadsOnlyInAChild:
+    """Pickles anywhere; unpickling it in the top-level process raises."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_rebuild_only_in_a_child, ())
+
+
+def return_loads_only_in_a_child() -> LoadsOnlyInAChild:
+    return LoadsOnlyInAChild()
