@@ -1,0 +1,166 @@
+"""Scenario 6: how many sleeping children one event loop holds, and what start() costs.
+
+Children that block on one barrier pile up; at each checkpoint (so many live
+children) a few more are started three ways, each timed alone: a bare
+``os.fork``, the stdlib's ``multiprocessing.Process.start()`` and aioproc's
+``start()``.  The stdlib's start polls every live child first (its
+``_cleanup()``), and aioproc's children are in the same registry (so that
+``multiprocessing.active_children()`` sees them), which is exactly the
+situation of a program mixing the two.  At the top the barrier opens and one
+loop joins every child.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from aioproc import AsyncProcess
+
+from ._children import stamp_and_exit
+from ._system import mem_available_bytes, open_fds, private_bytes, raise_fd_limit, rss_bytes
+from ._ways import Barrier
+
+if TYPE_CHECKING:
+    from ._progress import Progress
+
+#: Children whose private memory is read at the top (smaps_rollup is not free).
+_MEMORY_SAMPLE = 20
+
+
+@dataclass
+class ScaleResult:
+    asked: int
+    reached: int = 0
+    watcher: str | None = None
+    stopped_by: str | None = None
+    fd_limit: int = 0
+    #: One point per checkpoint: live children, and the seconds each start took.
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    #: Private memory of sampled sleeping children: "fork", "stdlib", "aioproc".
+    private_bytes: dict[str, list[int]] = field(default_factory=dict)
+    #: What each aioproc child added while only they were being started.
+    parent_fds_per_child: float = 0.0
+    parent_rss_per_child: float = 0.0
+    mem_available_per_child: float = 0.0
+    join_seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sleeper_args(barrier: Barrier) -> tuple[Any, ...]:
+    return (None, 0, barrier.ends, 0.0)
+
+
+def run_scale(levels: list[int], samples: int, progress: Progress) -> ScaleResult:
+    """Ramp up to ``max(levels)`` live children; see the module docstring."""
+    top = max(levels)
+    extra = 3 * samples * (len(levels) + 1)
+    limit, why = raise_fd_limit(2 * (top + extra) + 256)
+    result = ScaleResult(asked=top, fd_limit=limit)
+    if why is not None:
+        result.stopped_by = why
+    result_box: list[ScaleResult] = [result]
+    anyio.run(_scale, sorted(set(levels)), samples, result_box, progress, backend="asyncio")
+    return result
+
+
+async def _scale(
+    levels: list[int], samples: int, box: list[ScaleResult], progress: Progress
+) -> None:
+    result = box[0]
+    ctx = multiprocessing.get_context("fork")
+    barrier = Barrier()
+    pool: list[AsyncProcess] = []
+    plain: list[multiprocessing.process.BaseProcess] = []
+    forked: list[int] = []
+
+    def live() -> int:
+        return len(pool) + len(plain) + len(forked)
+
+    ramped = 0
+    added = [0, 0, 0]  # fds, rss, MemAvailable: while only aioproc children were started
+    try:
+        for level in [0, *levels]:
+            before = (open_fds(), rss_bytes(), mem_available_bytes(), len(pool))
+            while live() < level:
+                p = AsyncProcess(target=stamp_and_exit, args=_sleeper_args(barrier), context="fork")
+                p.start()
+                pool.append(p)
+                progress.advance()
+            ramped += len(pool) - before[3]
+            added[0] += open_fds() - before[0]
+            added[1] += rss_bytes() - before[1]
+            added[2] += before[2] - mem_available_bytes()
+            point: dict[str, Any] = {"live": live(), "fork": [], "stdlib": [], "aioproc": []}
+            for _ in range(samples):
+                t = time.perf_counter()
+                pid = os.fork()
+                if pid == 0:
+                    stamp_and_exit(*_sleeper_args(barrier))
+                point["fork"].append(time.perf_counter() - t)
+                forked.append(pid)
+                q = ctx.Process(target=stamp_and_exit, args=_sleeper_args(barrier))
+                t = time.perf_counter()
+                q.start()
+                point["stdlib"].append(time.perf_counter() - t)
+                plain.append(q)
+                p = AsyncProcess(target=stamp_and_exit, args=_sleeper_args(barrier), context="fork")
+                t = time.perf_counter()
+                p.start()
+                point["aioproc"].append(time.perf_counter() - t)
+                pool.append(p)
+                progress.advance(3)
+            result.curve.append(point)
+            await anyio.lowlevel.checkpoint()
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
+            raise
+        result.stopped_by = f"stopped at {live()} live children: {exc}"
+    finally:
+        result.reached = live()
+        if pool:
+            result.watcher = pool[0].watcher
+        pids: dict[str, list[int | None]] = {
+            "fork": list(forked),
+            "stdlib": [other.pid for other in plain],
+            "aioproc": [p.pid for p in pool],
+        }
+        for kind, some in pids.items():
+            step = max(len(some) // _MEMORY_SAMPLE, 1)
+            sizes = [private_bytes(pid) for pid in some[::step][:_MEMORY_SAMPLE] if pid]
+            result.private_bytes[kind] = [size for size in sizes if size is not None]
+        if ramped:
+            result.parent_fds_per_child = added[0] / ramped
+            result.parent_rss_per_child = added[1] / ramped
+            result.mem_available_per_child = added[2] / ramped
+        barrier.release()
+        t = time.perf_counter()
+
+        async def join(p: AsyncProcess) -> None:
+            await p.join()
+            progress.advance()
+
+        async with anyio.create_task_group() as tg:
+            for p in pool:
+                tg.start_soon(join, p)
+        result.join_seconds = time.perf_counter() - t
+        for plain_process in plain:
+            plain_process.join()
+        for pid in forked:  # released with the rest: exiting, if not gone already
+            os.waitpid(pid, 0)  # noqa: ASYNC222
+        barrier.close()
+    codes = {p.exitcode for p in pool} | {other.exitcode for other in plain}
+    if codes - {0}:
+        raise RuntimeError(f"scale: children exited with {codes}")
+    for p in pool:
+        p.close()
+    for other in plain:
+        other.close()

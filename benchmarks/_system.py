@@ -1,0 +1,123 @@
+"""What the kernel says about this process and this machine (Linux /proc)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import resource
+import sys
+from importlib import metadata
+from typing import Any
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far, all threads included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def os_threads() -> int:
+    """Threads of this process as the kernel counts them (native ones included)."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[17])  # field 20 of proc(5), counted from field 3
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size from /proc/PID/status (0 if the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def private_bytes(pid: int) -> int | None:
+    """Private (unshared) memory of *pid*, clean + dirty, from smaps_rollup."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return total
+
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0  # pragma: no cover - every Linux since 3.14 has it
+
+
+def children() -> set[int]:
+    """Pids of every live or zombie child of this process."""
+    pids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/self/task/{tid}/children") as f:
+            pids.update(int(p) for p in f.read().split())
+    return pids
+
+
+def raise_fd_limit(needed: int) -> tuple[int, str | None]:
+    """Raise RLIMIT_NOFILE's soft limit (and the hard one, if allowed) to *needed*.
+
+    Returns the soft limit now in force and, when it is below *needed*, why.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return soft, None
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        try:  # root (CAP_SYS_RESOURCE) may raise the hard limit up to fs.nr_open
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
+            return needed, None
+        except (ValueError, OSError) as exc:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard, f"RLIMIT_NOFILE hard limit is {hard} and cannot be raised ({exc})"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return needed, None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """The machine, interpreter and libraries the figures were taken with."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_total = int(f.readline().split()[1]) * 1024
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_total / 2**30, 1),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "versions": {
+            name: _version(name)
+            for name in ("aioproc", "anyio", "uvloop", "trio", "aiomultiprocess", "matplotlib")
+        },
+    }
