@@ -59,13 +59,19 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         action="store_true",
         help="every watcher on every loop in every scenario, and scale up to 10000 children",
     )
-    parser.add_argument("--n", type=_positive_int, help="children in scenarios 1 and 5")
+    parser.add_argument("--n", type=_positive_int, help="children in scenario 1")
     parser.add_argument("--rate", type=float, help="exits per second in scenarios 1, 2 and 5")
     parser.add_argument(
         "--scale", type=_int_list, metavar="N,N,...", help="live-children checkpoints, scenario 6"
     )
     parser.add_argument(
         "--scenarios", type=_int_list, metavar="1,2,...", help="which scenarios to run (1-6)"
+    )
+    parser.add_argument(
+        "--only",
+        metavar="TEXT,TEXT,...",
+        help="run only these ways: a label, kind, watcher, loop or watcher/loop, "
+        "e.g. raw,sync,pidfd/asyncio or raw,trio",
     )
     parser.add_argument("--seed", type=int, help="seed of the random exit order")
     parser.add_argument(
@@ -94,6 +100,8 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         settings.scale = args.scale
     if args.seed is not None:
         settings.seed = args.seed
+    if args.only:
+        settings.only = [term.strip() for term in args.only.split(",") if term.strip()]
     if args.scenarios is not None:
         unknown = sorted(set(args.scenarios) - set(SCENARIOS))
         if unknown:
@@ -123,6 +131,7 @@ def _header(results: dict[str, Any], argv: list[str]) -> list[str]:
         f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"{m['implementation']} {m['python']}; {m['date'].replace('T', ' ')}.",
         f"Load average {m['load_average'][0]:.2f} at the start, {load[0]:.2f} at the end; "
+        f"other processes used {results['others_cpu_share']:.0%} of the CPU time meanwhile.",
         f"{versions}.",
         f"`python -m benchmarks {' '.join(argv)}`".replace("  ", " ").replace(" `", "`")
         + f" ({results['preset']} sizes) took {results['duration_seconds']:.0f} s.",
@@ -154,16 +163,28 @@ def main(argv: list[str] | None = None) -> int:
     for s in skipped:
         progress.note(f"skipped {s['way']} in scenario {s['scenario']}: {s['reason']}")
     began = time.monotonic()
+    others = _system.OthersMeter()
+    timings: list[dict[str, Any]] = []
+    results["steps"] = timings
     try:
         for step in steps:
             progress.begin(step.label, step.units)
-            step.run(progress)
+            t = time.monotonic()
+            meter = _system.OthersMeter()
+            record = step.run(progress)
+            share = round(meter.share(), 3)
+            if record is not None:
+                record["others_cpu_share"] = share
+            timings.append(
+                {"step": step.label, "seconds": round(time.monotonic() - t, 3), "others": share}
+            )
             progress.end()
     finally:
         shutdown_extras()
         progress.close()
     results["duration_seconds"] = time.monotonic() - began
     results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["others_cpu_share"] = round(others.share(), 3)
     results["children_left"] = _children_left()
     results["targets"] = _report.targets(results)
 

@@ -52,8 +52,28 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: int = 1)
     return [line(headers), "|" + "|".join(rule) + "|", *(line(r) for r in rows)]
 
 
+#: A run during which other processes used more of the CPU than this is marked.
+DISTURBED = 0.10
+MARK = "†"
+
+
 def _by_way(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {run["way"]: run for run in runs}
+
+
+def _name(way: str, record: dict[str, Any]) -> str:
+    """The way's label, marked if other processes were busy while it ran."""
+    return f"{way} {MARK}" if record.get("others_cpu_share", 0.0) > DISTURBED else way
+
+
+def _footnote(records: list[dict[str, Any]]) -> list[str]:
+    if any(r.get("others_cpu_share", 0.0) > DISTURBED for r in records):
+        return [
+            f"{MARK} other processes used more than {DISTURBED:.0%} of the CPU time while "
+            "this ran: its figures are noisier than the others.",
+            "",
+        ]
+    return []
 
 
 def _stat(run: dict[str, Any] | None, key: str, q: str) -> float:
@@ -67,7 +87,7 @@ def _stat(run: dict[str, Any] | None, key: str, q: str) -> float:
 
 def render(results: dict[str, Any]) -> str:
     """Every section that ran, then the targets, as Markdown."""
-    out: list[str] = []
+    out: list[str] = ["Ways compared:", "", *describe_ways(), ""]
     scenarios = set(results["settings"]["scenarios"])
     if "latency" in results:
         out += _latency(results["latency"], show_cpu=4 in scenarios)
@@ -107,7 +127,7 @@ def _latency(section: dict[str, Any], *, show_cpu: bool) -> list[str]:
     for way, run in runs.items():
         s = summary(run["latencies"])
         row = [
-            way,
+            _name(way, run),
             ms(s["p50"]),
             ms(s["p99"]),
             ms(s["max"]),
@@ -123,7 +143,7 @@ def _latency(section: dict[str, Any], *, show_cpu: bool) -> list[str]:
         f"### 1. Join latency: {section['n']} children exiting in random order, "
         f"{section['rate']:.0f}/s (fork)"
     )
-    lines = [title, "", *table(headers, rows), ""]
+    lines = [title, "", *table(headers, rows), "", *_footnote(section["runs"])]
     lines.append(
         "Latency: a child's last instruction (a CLOCK_MONOTONIC stamp, then `os._exit`) "
         "to its join returning in the parent."
@@ -144,7 +164,7 @@ def _hol(section: dict[str, Any]) -> list[str]:
         s = summary(run["latencies"])
         rows.append(
             [
-                way,
+                _name(way, run),
                 ms(s["p50"]),
                 ms(s["p99"]),
                 ms(s["max"]),
@@ -157,7 +177,7 @@ def _hol(section: dict[str, Any]) -> list[str]:
         f"started before {section['short']} short ones; latency of the short ones"
     )
     headers = ["way", "p50 ms", "p99 ms", "max ms", "p50/raw", "thread p50/this"]
-    return [title, "", *table(headers, rows), ""]
+    return [title, "", *table(headers, rows), "", *_footnote(section["runs"])]
 
 
 def _throughput(section: dict[str, Any]) -> list[str]:
@@ -169,7 +189,7 @@ def _throughput(section: dict[str, Any]) -> list[str]:
         rows.append(
             [
                 method,
-                way,
+                _name(way, m),
                 f"{m['per_second']:.0f}",
                 times(ratio(m["per_second"], sync)),
                 times(ratio(m["per_second"], raw)),
@@ -181,7 +201,7 @@ def _throughput(section: dict[str, Any]) -> list[str]:
         f"started then joined at a time (median of {section['repeat']})"
     )
     headers = ["start method", "way", "children/s", "vs sync", "vs raw", "CPU ms/child"]
-    return [title, "", *table(headers, rows, right=2), ""]
+    return [title, "", *table(headers, rows, right=2), "", *_footnote(list(merged.values()))]
 
 
 def _lag(section: dict[str, Any], throughput: dict[str, Any] | None) -> list[str]:
@@ -191,13 +211,14 @@ def _lag(section: dict[str, Any], throughput: dict[str, Any] | None) -> list[str
         rows.append([f"idle {backend} loop", ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
     for run in section["runs"]:
         s = summary(run["lags"])
-        rows.append([run["way"], ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
+        rows.append([_name(run["way"], run), ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
     lines = [
-        "### 5. Event-loop lag: how late a 1 ms heartbeat task wakes while scenario 1's "
-        "children are joined",
+        "### 5. Event-loop lag: how late a 1 ms heartbeat task wakes while children exit "
+        f"as in scenario 1 ({section.get('n', '?')} of them)",
         "",
         *table(["way", "lag p50 ms", "p99 ms", "max ms"], rows),
         "",
+        *_footnote(section["runs"]),
     ]
     if throughput is not None:
         merged = median_throughput(throughput["runs"])
@@ -234,7 +255,8 @@ def _scale(section: dict[str, Any]) -> list[str]:
     }
     lines = [
         f"### 6. Scale: start() cost as live children pile up, then one loop joins "
-        f"them all (aioproc watcher: {section['watcher']})",
+        f"them all (aioproc watcher: {section['watcher']})"
+        + (f" {MARK}" if section.get("others_cpu_share", 0.0) > DISTURBED else ""),
         "",
         *table(["live children", "bare fork ms", "stdlib start() ms", "aioproc start() ms"], rows),
         "",
@@ -250,7 +272,7 @@ def _scale(section: dict[str, Any]) -> list[str]:
     ]
     if section.get("stopped_by"):
         lines.append(f"Stopped early: {section['stopped_by']}.")
-    return [*lines, ""]
+    return [*lines, "", *_footnote([section])]
 
 
 # -- targets -------------------------------------------------------------------
@@ -413,4 +435,4 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def describe_ways() -> list[str]:
-    return [f"- `{kind}`: {how}" for kind, how in HOW.items()]
+    return [f"- {kind}: {how}" for kind, how in HOW.items()]

@@ -24,7 +24,14 @@ import anyio
 from aioproc import AsyncProcess
 
 from ._children import stamp_and_exit
-from ._system import mem_available_bytes, open_fds, private_bytes, raise_fd_limit, rss_bytes
+from ._system import (
+    mem_available_bytes,
+    mem_total_bytes,
+    open_fds,
+    private_bytes,
+    raise_fd_limit,
+    rss_bytes,
+)
 from ._ways import Barrier
 
 if TYPE_CHECKING:
@@ -32,6 +39,13 @@ if TYPE_CHECKING:
 
 #: Children whose private memory is read at the top (smaps_rollup is not free).
 _MEMORY_SAMPLE = 20
+#: The ramp stops while the machine still has this much memory available
+#: (other people's work runs here too: the OOM killer must stay asleep).
+_MEMORY_FLOOR = 0.15
+
+
+class _OutOfRoom(Exception):
+    """The machine's memory ran low before the asked number of children."""
 
 
 @dataclass
@@ -53,6 +67,15 @@ class ScaleResult:
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_room(live: int, floor: float) -> None:
+    available = mem_available_bytes()
+    if available < floor:
+        raise _OutOfRoom(
+            f"stopped at {live} live children: {available / 2**30:.1f} GiB of memory "
+            f"left, less than {_MEMORY_FLOOR:.0%} of the machine's"
+        )
 
 
 def _sleeper_args(barrier: Barrier) -> tuple[Any, ...]:
@@ -85,12 +108,16 @@ async def _scale(
     def live() -> int:
         return len(pool) + len(plain) + len(forked)
 
+    sampled: list[int | None] = []  # aioproc children started beside the fork/stdlib ones
     ramped = 0
     added = [0, 0, 0]  # fds, rss, MemAvailable: while only aioproc children were started
+    floor = _MEMORY_FLOOR * mem_total_bytes()
     try:
         for level in [0, *levels]:
             before = (open_fds(), rss_bytes(), mem_available_bytes(), len(pool))
             while live() < level:
+                if len(pool) % 100 == 0:
+                    _check_room(live(), floor)
                 p = AsyncProcess(target=stamp_and_exit, args=_sleeper_args(barrier), context="fork")
                 p.start()
                 pool.append(p)
@@ -117,9 +144,12 @@ async def _scale(
                 p.start()
                 point["aioproc"].append(time.perf_counter() - t)
                 pool.append(p)
+                sampled.append(p.pid)
                 progress.advance(3)
             result.curve.append(point)
             await anyio.lowlevel.checkpoint()
+    except _OutOfRoom as exc:
+        result.stopped_by = str(exc)
     except OSError as exc:
         if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
             raise
@@ -128,10 +158,13 @@ async def _scale(
         result.reached = live()
         if pool:
             result.watcher = pool[0].watcher
+        # Children of the same age (started together at the checkpoints): a
+        # child's private memory grows as the parent writes to pages they share.
         pids: dict[str, list[int | None]] = {
             "fork": list(forked),
             "stdlib": [other.pid for other in plain],
-            "aioproc": [p.pid for p in pool],
+            "aioproc": sampled,
+            "aioproc, whole ramp": [p.pid for p in pool],
         }
         for kind, some in pids.items():
             step = max(len(some) // _MEMORY_SAMPLE, 1)

@@ -33,7 +33,8 @@ _WARM_UP = 5
 class Step:
     label: str
     units: int
-    run: Callable[[Progress], None]
+    #: Runs the step, stores its figures in the results and returns that record.
+    run: Callable[[Progress], dict[str, Any] | None]
 
 
 def exit_schedule(
@@ -62,6 +63,8 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
     steps: list[Step] = []
 
     def usable(scenario: int, way: Way, start_method: str = "fork") -> bool:
+        if settings.only and not any(way.matches(term) for term in settings.only):
+            return False
         reason = way.unavailable(start_method)
         if reason is not None:
             where = f"{way.label}" + (f" ({start_method})" if start_method != "fork" else "")
@@ -121,12 +124,12 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
                     )
 
     if 5 in chosen:
-        section = {"heartbeat_seconds": 0.001, "idle": {}, "runs": []}
+        section = {"n": settings.lag_n, "heartbeat_seconds": 0.001, "idle": {}, "runs": []}
         results["lag"] = section
         for backend in BACKENDS:
-            if usable(5, Way("aioproc", backend, None)):
+            if Way("aioproc", backend, None).unavailable("fork") is None:
                 steps.append(_idle_step(backend, settings.idle_seconds, section["idle"]))
-        delays = exit_schedule(settings.n, settings.rate, rng)
+        delays = exit_schedule(settings.lag_n, settings.rate, rng)
         for way in settings.lag_ways():
             if usable(5, way):
                 steps.append(
@@ -137,9 +140,11 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
         top = max(settings.scale)
         units = 2 * top + 3 * settings.scale_samples * (len(settings.scale) + 1)
 
-        def scale(progress: Progress) -> None:
+        def scale(progress: Progress) -> dict[str, Any]:
             gc.collect()
-            results["scale"] = run_scale(settings.scale, settings.scale_samples, progress).as_json()
+            record = run_scale(settings.scale, settings.scale_samples, progress).as_json()
+            results["scale"] = record
+            return record
 
         steps.append(Step(f"6 scale to {top} children", units, scale))
     return steps
@@ -148,13 +153,14 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
 def _batch_step(
     title: str, way: Way, batch: Batch, into: list[dict[str, Any]], keep_from: int = 0
 ) -> Step:
-    def run(progress: Progress) -> None:
+    def run(progress: Progress) -> dict[str, Any]:
         _warm_up(way)
         gc.collect()
         result: BatchResult = run_batch(way, batch, progress)
         record = result.as_json()
         record["latencies"] = record["latencies"][keep_from:]
         into.append(record)
+        return record
 
     return Step(f"{title} · {way.label}", 2 * len(batch.delays), run)
 
@@ -162,13 +168,14 @@ def _batch_step(
 def _throughput_step(
     way: Way, method: str, n: int, batch: int, *, rep: int, into: list[dict[str, Any]]
 ) -> Step:
-    def run(progress: Progress) -> None:
+    def run(progress: Progress) -> dict[str, Any]:
         if rep == 0:
             run_throughput(way, method, min(batch, 4), batch, _Silent())
         gc.collect()
         record = run_throughput(way, method, n, batch, progress).as_json()
         record["rep"] = rep
         into.append(record)
+        return record
 
     return Step(f"3 throughput {method} · {way.label} #{rep + 1}", n, run)
 
@@ -193,5 +200,6 @@ def median_throughput(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[
             "cpu_per_child": statistics.median(r["cpu_seconds"] / r["n"] for r in reps),
             "start_seconds": [s for r in reps for s in r["start_seconds"]],
             "reps": len(reps),
+            "others_cpu_share": statistics.mean(r.get("others_cpu_share", 0.0) for r in reps),
         }
     return merged

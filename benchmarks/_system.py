@@ -18,6 +18,38 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and of the children it has reaped."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+class OthersMeter:
+    """How much CPU the rest of the machine used while we ran (noise in our figures)."""
+
+    def __init__(self) -> None:
+        self.busy, self.total = machine_cpu_seconds()
+        self.own = own_cpu_seconds()
+
+    def share(self) -> float:
+        """Fraction of the machine's CPU time used by other processes since creation."""
+        busy, total = machine_cpu_seconds()
+        others = (busy - self.busy) - (own_cpu_seconds() - self.own)
+        return max(others, 0.0) / max(total - self.total, 1e-9)
+
+
 def os_threads() -> int:
     """Threads of this process as the kernel counts them (native ones included)."""
     with open("/proc/self/stat", "rb") as f:
@@ -54,12 +86,20 @@ def private_bytes(pid: int) -> int | None:
     return total
 
 
-def mem_available_bytes() -> int:
+def _meminfo(key: str) -> int:
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    return 0  # pragma: no cover - every Linux since 3.14 has it
+    raise LookupError(f"no {key} in /proc/meminfo")
+
+
+def mem_available_bytes() -> int:
+    return _meminfo("MemAvailable")
+
+
+def mem_total_bytes() -> int:
+    return _meminfo("MemTotal")
 
 
 def children() -> set[int]:
@@ -105,8 +145,7 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    with open("/proc/meminfo") as f:
-        mem_total = int(f.readline().split()[1]) * 1024
+    mem_total = mem_total_bytes()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,

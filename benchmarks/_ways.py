@@ -11,7 +11,12 @@ Baselines, measured in the same invocation as aioproc:
 - ``poll``: ``while p.is_alive(): await asyncio.sleep(0.005)``;
 - ``aiomultiprocess``: its ``Process.join``, which polls the same way (optional).
 
-and ``aioproc`` with a forced watcher on asyncio, uvloop or trio.
+and ``aioproc`` with a forced watcher on asyncio, uvloop or trio.  One more,
+``waitid``, tells aioproc's part from its children's: AsyncProcess children
+found the way ``raw`` finds its own, by a parent blocked in ``waitid``.  They
+exit later than bare forks (the multiprocessing bootstrap and the loop-state
+reset leave them more private pages to free); what aioproc's join adds on top
+is the difference between ``aioproc pidfd`` and ``waitid``.
 """
 
 from __future__ import annotations
@@ -41,18 +46,19 @@ from ._system import cpu_seconds, os_threads
 if TYPE_CHECKING:
     from ._progress import Progress
 
-Kind = Literal["raw", "sync", "thread", "poll", "aiomultiprocess", "aioproc"]
+Kind = Literal["raw", "waitid", "sync", "thread", "poll", "aiomultiprocess", "aioproc"]
 Backend = Literal["none", "asyncio", "uvloop", "trio"]
 T = TypeVar("T")
 
 BACKENDS: tuple[Backend, ...] = ("asyncio", "uvloop", "trio")
 HOW: dict[str, str] = {
     "raw": "os.fork + os._exit, reaped by os.waitpid (the floor)",
+    "waitid": "AsyncProcess children, but found by a blocking waitid (their own floor)",
     "sync": "multiprocessing.Process, blocking join() in start order",
     "thread": "multiprocessing.Process + await asyncio.to_thread(p.join)",
     "poll": "multiprocessing.Process + is_alive() every 5 ms",
     "aiomultiprocess": "aiomultiprocess.Process (polls exitcode every 5 ms)",
-    "aioproc": "AsyncProcess + await p.join()",
+    "aioproc": "AsyncProcess + await p.join(), as `aioproc WATCHER/LOOP`",
 }
 #: The heartbeat task's period: its lateness is the event loop's lag.
 HEARTBEAT = 0.001
@@ -72,9 +78,16 @@ class Way:
             return f"aioproc {self.watcher}/{self.backend}"
         return self.kind
 
+    def matches(self, term: str) -> bool:
+        """Whether *term* names this way: its label, kind, watcher, loop or watcher/loop."""
+        names = {self.label, self.kind, self.backend}
+        if self.watcher is not None:
+            names |= {self.watcher, f"{self.watcher}/{self.backend}"}
+        return term in names
+
     @property
     def is_async(self) -> bool:
-        return self.kind not in ("raw", "sync")
+        return self.kind not in ("raw", "waitid", "sync")
 
     def unavailable(self, start_method: str) -> str | None:
         """Why this way cannot run here with *start_method* (None: it can)."""
@@ -92,6 +105,7 @@ class Way:
 
 
 RAW = Way("raw")
+WAITID = Way("waitid")
 SYNC = Way("sync")
 THREAD = Way("thread", "asyncio")
 POLL = Way("poll", "asyncio")
@@ -285,7 +299,7 @@ def run_batch(way: Way, batch: Batch, progress: Progress) -> BatchResult:
     barrier = Barrier()
     try:
         if ops is None:
-            batch_fn = _raw_batch if way.kind == "raw" else _sync_batch
+            batch_fn = {"raw": _raw_batch, "waitid": _waitid_batch, "sync": _sync_batch}[way.kind]
             raw = batch_fn(batch, stamps, barrier, progress)
         else:
             with forced_watcher(way):
@@ -337,6 +351,39 @@ def _raw_batch(batch: Batch, stamps: mmap.mmap, barrier: Barrier, progress: Prog
         i = index.pop(info.si_pid)
         joined[i] = time.monotonic()
         codes[i] = os.waitstatus_to_exitcode(status)
+        progress.advance()
+    cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
+    return joined, codes, starts, cpu, wall, max(threads, os_threads()) - threads_before, []
+
+
+def _waitid_batch(batch: Batch, stamps: mmap.mmap, barrier: Barrier, progress: Progress) -> _Raw:
+    n = len(batch.delays)
+    threads_before = os_threads()
+    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    procs: dict[int, tuple[int, aioproc.AsyncProcess]] = {}
+    starts = []
+    for i, delay in enumerate(batch.delays):
+        t = time.perf_counter()
+        p = aioproc.AsyncProcess(
+            target=stamp_and_exit, args=(stamps, i, barrier.ends, delay), context="fork"
+        )
+        p.start()
+        starts.append(time.perf_counter() - t)
+        procs[p.pid or 0] = (i, p)
+        progress.advance()
+    threads = os_threads()
+    barrier.release()
+    joined = [math.nan] * n
+    codes: list[int | None] = [None] * n
+    while procs:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        if info is None or info.si_pid not in procs:
+            raise RuntimeError(f"a child that is not the benchmark's exited: {info}")
+        i, p = procs.pop(info.si_pid)
+        p.is_alive()  # collects the exit status, through the process's own Popen
+        joined[i] = time.monotonic()
+        codes[i] = p.exitcode
+        p.close()
         progress.advance()
     cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
     return joined, codes, starts, cpu, wall, max(threads, os_threads()) - threads_before, []
