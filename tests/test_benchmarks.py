@@ -85,7 +85,7 @@ def test_raw_figures(quick_run: dict[str, Any]) -> None:
 
     scale = results["scale"]
     assert scale["reached"] >= 40
-    assert [point["live"] for point in scale["curve"]][0] == 0
+    assert scale["curve"][0]["live"] == 0
     assert scale["stopped_by"] is None
 
     for target in results["targets"]:
@@ -105,8 +105,10 @@ def test_table(quick_run: dict[str, Any]) -> None:
     ):
         assert title in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    for way in ("raw", "sync", "thread", "poll", "aioproc pidfd/asyncio", "aioproc pidfd/trio"):
-        assert any(row.split("|")[1].strip() == way for row in rows), way
+    # A way run while other processes were busy carries a mark after its name.
+    names = {row.split("|")[1].strip().removesuffix(" †") for row in rows}
+    for way in ("raw", "waitid", "sync", "thread", "poll", "aioproc pidfd/asyncio"):
+        assert way in names, way
     assert "| 1: pidfd p50 latency <= 1.5x raw" in text
     assert f"Raw figures: {quick_run['json']}" in text
 
