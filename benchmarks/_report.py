@@ -209,6 +209,10 @@ def _lag(section: dict[str, Any], throughput: dict[str, Any] | None) -> list[str
     for backend, lags in section["idle"].items():
         s = summary(lags)
         rows.append([f"idle {backend} loop", ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
+    for backend, lags in section.get("storm", {}).items():
+        s = summary(lags)
+        label = f"{backend} loop, children exit unjoined"
+        rows.append([label, ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
     for run in section["runs"]:
         s = summary(run["lags"])
         rows.append([_name(run["way"], run), ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
@@ -219,6 +223,10 @@ def _lag(section: dict[str, Any], throughput: dict[str, Any] | None) -> list[str
         *table(["way", "lag p50 ms", "p99 ms", "max ms"], rows),
         "",
         *_footnote(section["runs"]),
+        "Idle: the loop's own timer precision. Children exit unjoined: the same exits, "
+        "nothing joining them; the loop loses a core to each exiting child, which is the "
+        "floor for every way of joining.",
+        "",
     ]
     if throughput is not None:
         merged = median_throughput(throughput["runs"])

@@ -22,6 +22,7 @@ from ._ways import (
     run_batch,
     run_on,
     run_throughput,
+    storm_lags,
 )
 
 #: Children start exiting this long after the barrier opens (the herd has settled).
@@ -124,12 +125,24 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
                     )
 
     if 5 in chosen:
-        section = {"n": settings.lag_n, "heartbeat_seconds": 0.001, "idle": {}, "runs": []}
+        section = {
+            "n": settings.lag_n,
+            "heartbeat_seconds": 0.001,
+            "idle": {},
+            "storm": {},
+            "runs": [],
+        }
         results["lag"] = section
         for backend in BACKENDS:
             if Way("aioproc", backend, None).unavailable("fork") is None:
                 steps.append(_idle_step(backend, settings.idle_seconds, section["idle"]))
         delays = exit_schedule(settings.lag_n, settings.rate, rng)
+
+        def storm(progress: Progress) -> None:
+            gc.collect()
+            section["storm"]["asyncio"] = storm_lags("asyncio", delays, progress)
+
+        steps.append(Step("5 exits, no joins · asyncio", len(delays), storm))
         for way in settings.lag_ways():
             if usable(5, way):
                 steps.append(

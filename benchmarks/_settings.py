@@ -52,12 +52,15 @@ class Settings:
     batch: int = 50
     repeat: int = 3
     #: Scenario 5: seconds of heartbeat on an idle loop, per backend.
-    idle_seconds: float = 0.5
+    idle_seconds: float = 0.3
     #: Scenario 6: live-children checkpoints, starts timed at each.
     scale: list[int] = field(default_factory=lambda: [1000, 2000, 5000])
     scale_samples: int = 20
     #: "default" compares the headline ways; "full" every watcher on every loop.
     matrix: str = "default"
+    #: Loops on which scenario 1 also runs the sigchld, sentinel and thread
+    #: watchers (pidfd runs on every loop, everywhere).
+    watchers_on: tuple[str, ...] = ()
     #: aiomultiprocess's own Process makes round trips to a manager process on
     #: every start (tens of ms each): the default run leaves it out.  `poll`
     #: is its way of joining, and is measured in every run.
@@ -87,16 +90,18 @@ class Settings:
             THREAD,
             POLL,
             *extra,
-            *self._aioproc(all_watchers_on=("asyncio",)),
+            *self._aioproc(all_watchers_on=self.watchers_on),
         ]
 
     def hol_ways(self) -> list[Way]:
-        baselines = [RAW, SYNC, THREAD, POLL] if self.matrix == "full" else [RAW, THREAD, POLL]
+        baselines = [RAW, SYNC, THREAD, POLL] if self.matrix == "full" else [RAW, THREAD]
         return [*baselines, *self._aioproc(all_watchers_on=())]
 
     def throughput_ways(self, start_method: str) -> list[Way]:
         if start_method == "fork":
-            ways = [RAW, SYNC, THREAD, POLL]
+            ways = [RAW, SYNC]
+            if self.matrix == "full":
+                ways += [THREAD, POLL]
             ways += [aioproc_way("pidfd", b) for b in BACKENDS]
             if self.matrix == "full":
                 ways += [aioproc_way(w) for w in WATCHER_NAMES if w != "pidfd"]
@@ -129,6 +134,7 @@ def preset(name: str) -> Settings:
         return Settings(
             preset="quick",
             aiomultiprocess=True,
+            watchers_on=("asyncio",),
             n=20,
             lag_n=20,
             hol_long=2,

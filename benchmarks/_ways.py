@@ -439,6 +439,32 @@ async def idle_lags(seconds: float) -> list[float]:
     return lags
 
 
+def storm_lags(backend: Backend, delays: Sequence[float], progress: Progress) -> list[float]:
+    """The heartbeat's lateness while bare fork children exit on *delays*, unjoined.
+
+    The loop does nothing but the heartbeat; the children are reaped after it
+    stops.  What remains is the machine's own cost of the exits (each one
+    takes CPU from a core the loop could be running on): the floor for any
+    way of joining them.
+    """
+    barrier = Barrier()
+    pids = []
+    try:
+        for delay in delays:
+            pid = os.fork()
+            if pid == 0:
+                stamp_and_exit(None, 0, barrier.ends, delay)
+            pids.append(pid)
+        barrier.release()
+        lags: list[float] = run_on(backend, idle_lags, max(delays) + 0.05)
+    finally:
+        barrier.close()
+        for pid in pids:
+            os.waitpid(pid, 0)
+            progress.advance()
+    return lags
+
+
 async def _async_batch(
     ops: _Ops, batch: Batch, stamps: mmap.mmap, barrier: Barrier, progress: Progress
 ) -> _Raw:
