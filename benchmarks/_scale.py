@@ -63,6 +63,7 @@ class ScaleResult:
     parent_fds_per_child: float = 0.0
     parent_rss_per_child: float = 0.0
     mem_available_per_child: float = 0.0
+    ramp_seconds: float = 0.0
     join_seconds: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
@@ -112,6 +113,7 @@ async def _scale(
     ramped = 0
     added = [0, 0, 0]  # fds, rss, MemAvailable: while only aioproc children were started
     floor = _MEMORY_FLOOR * mem_total_bytes()
+    began = time.perf_counter()
     try:
         for level in [0, *levels]:
             before = (open_fds(), rss_bytes(), mem_available_bytes(), len(pool))
@@ -155,6 +157,7 @@ async def _scale(
             raise
         result.stopped_by = f"stopped at {live()} live children: {exc}"
     finally:
+        result.ramp_seconds = time.perf_counter() - began
         result.reached = live()
         if pool:
             result.watcher = pool[0].watcher
