@@ -280,6 +280,8 @@ def _scale(section: dict[str, Any]) -> list[str]:
     ]
     if section.get("stopped_by"):
         lines.append(f"Stopped early: {section['stopped_by']}.")
+    if section.get("fd_limit_note"):
+        lines.append(f"Descriptors: {section['fd_limit_note']}.")
     return [*lines, "", *_footnote([section])]
 
 

@@ -55,6 +55,8 @@ class ScaleResult:
     watcher: str | None = None
     stopped_by: str | None = None
     fd_limit: int = 0
+    #: Why RLIMIT_NOFILE could not be raised as far as asked (None: it was).
+    fd_limit_note: str | None = None
     #: One point per checkpoint: live children, and the seconds each start took.
     curve: list[dict[str, Any]] = field(default_factory=list)
     #: Private memory of sampled sleeping children: "fork", "stdlib", "aioproc".
@@ -89,8 +91,7 @@ def run_scale(levels: list[int], samples: int, progress: Progress) -> ScaleResul
     extra = 3 * samples * (len(levels) + 1)
     limit, why = raise_fd_limit(2 * (top + extra) + 256)
     result = ScaleResult(asked=top, fd_limit=limit)
-    if why is not None:
-        result.stopped_by = why
+    result.fd_limit_note = why
     result_box: list[ScaleResult] = [result]
     anyio.run(_scale, sorted(set(levels)), samples, result_box, progress, backend="asyncio")
     return result
@@ -114,44 +115,53 @@ async def _scale(
     added = [0, 0, 0]  # fds, rss, MemAvailable: while only aioproc children were started
     floor = _MEMORY_FLOOR * mem_total_bytes()
     began = time.perf_counter()
+
+    def checkpoint() -> None:
+        point: dict[str, Any] = {"live": live(), "fork": [], "stdlib": [], "aioproc": []}
+        for _ in range(samples):
+            t = time.perf_counter()
+            pid = os.fork()
+            if pid == 0:
+                stamp_and_exit(*_sleeper_args(barrier))
+            point["fork"].append(time.perf_counter() - t)
+            forked.append(pid)
+            q = ctx.Process(target=stamp_and_exit, args=_sleeper_args(barrier))
+            t = time.perf_counter()
+            q.start()
+            point["stdlib"].append(time.perf_counter() - t)
+            plain.append(q)
+            p = AsyncProcess(target=stamp_and_exit, args=_sleeper_args(barrier), context="fork")
+            t = time.perf_counter()
+            p.start()
+            point["aioproc"].append(time.perf_counter() - t)
+            pool.append(p)
+            sampled.append(p.pid)
+            progress.advance(3)
+        result.curve.append(point)
+
     try:
         for level in [0, *levels]:
             before = (open_fds(), rss_bytes(), mem_available_bytes(), len(pool))
-            while live() < level:
-                if len(pool) % 100 == 0:
-                    _check_room(live(), floor)
-                p = AsyncProcess(target=stamp_and_exit, args=_sleeper_args(barrier), context="fork")
-                p.start()
-                pool.append(p)
-                progress.advance()
+            try:
+                while live() < level:
+                    if len(pool) % 100 == 0:
+                        _check_room(live(), floor)
+                    p = AsyncProcess(
+                        target=stamp_and_exit, args=_sleeper_args(barrier), context="fork"
+                    )
+                    p.start()
+                    pool.append(p)
+                    progress.advance()
+            except _OutOfRoom as exc:
+                result.stopped_by = str(exc)
             ramped += len(pool) - before[3]
             added[0] += open_fds() - before[0]
             added[1] += rss_bytes() - before[1]
             added[2] += before[2] - mem_available_bytes()
-            point: dict[str, Any] = {"live": live(), "fork": [], "stdlib": [], "aioproc": []}
-            for _ in range(samples):
-                t = time.perf_counter()
-                pid = os.fork()
-                if pid == 0:
-                    stamp_and_exit(*_sleeper_args(barrier))
-                point["fork"].append(time.perf_counter() - t)
-                forked.append(pid)
-                q = ctx.Process(target=stamp_and_exit, args=_sleeper_args(barrier))
-                t = time.perf_counter()
-                q.start()
-                point["stdlib"].append(time.perf_counter() - t)
-                plain.append(q)
-                p = AsyncProcess(target=stamp_and_exit, args=_sleeper_args(barrier), context="fork")
-                t = time.perf_counter()
-                p.start()
-                point["aioproc"].append(time.perf_counter() - t)
-                pool.append(p)
-                sampled.append(p.pid)
-                progress.advance(3)
-            result.curve.append(point)
+            checkpoint()  # where the ramp stopped, too
             await anyio.lowlevel.checkpoint()
-    except _OutOfRoom as exc:
-        result.stopped_by = str(exc)
+            if result.stopped_by is not None:
+                break
     except OSError as exc:
         if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
             raise
