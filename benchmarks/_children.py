@@ -55,5 +55,22 @@ async def stamp_and_exit_async(
     stamp_and_exit(stamps, index, barrier, delay)
 
 
+def wait_on_fifo(path: str) -> NoReturn:
+    """Block until the parent lets go of its end of the FIFO at *path*, then exit.
+
+    For children that inherit nothing from the parent (forkserver).  Opening
+    without blocking and then reading means that a child which comes late,
+    after the parent has let go, finds end-of-file at once instead of
+    waiting for a writer that will never come.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        os.read(fd, 1)
+    except BaseException:
+        os._exit(CHILD_FAILED)
+    os._exit(0)
+
+
 def noop() -> None:
     """Return at once, through the normal ``multiprocessing`` exit path."""

@@ -65,6 +65,11 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         "--scale", type=_int_list, metavar="N,N,...", help="live-children checkpoints, scenario 6"
     )
     parser.add_argument(
+        "--scale-method",
+        choices=["fork", "forkserver"],
+        help="start method of scenario 6's children (forkserver ones are smaller)",
+    )
+    parser.add_argument(
         "--scenarios", type=_int_list, metavar="1,2,...", help="which scenarios to run (1-6)"
     )
     parser.add_argument(
@@ -98,6 +103,8 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         settings.rate = args.rate
     if args.scale is not None:
         settings.scale = args.scale
+    if args.scale_method is not None:
+        settings.scale_method = args.scale_method
     if args.seed is not None:
         settings.seed = args.seed
     if args.only:

@@ -262,8 +262,8 @@ def _scale(section: dict[str, Any]) -> list[str]:
         if sizes
     }
     lines = [
-        f"### 6. Scale: start() cost as live children pile up, then one loop joins "
-        f"them all (aioproc watcher: {section['watcher']})"
+        f"### 6. Scale: start() cost as {section.get('method', 'fork')} children pile up, "
+        f"then one loop joins them all (aioproc watcher: {section['watcher']})"
         + (f" {MARK}" if section.get("others_cpu_share", 0.0) > DISTURBED else ""),
         "",
         *table(["live children", "bare fork ms", "stdlib start() ms", "aioproc start() ms"], rows),

@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,7 +25,7 @@ import anyio
 
 from aioproc import AsyncProcess
 
-from ._children import stamp_and_exit
+from ._children import stamp_and_exit, wait_on_fifo
 from ._system import (
     mem_available_bytes,
     mem_total_bytes,
@@ -51,6 +53,7 @@ class _OutOfRoom(Exception):
 @dataclass
 class ScaleResult:
     asked: int
+    method: str = "fork"
     reached: int = 0
     watcher: str | None = None
     stopped_by: str | None = None
@@ -85,24 +88,66 @@ def _sleeper_args(barrier: Barrier) -> tuple[Any, ...]:
     return (None, 0, barrier.ends, 0.0)
 
 
-def run_scale(levels: list[int], samples: int, progress: Progress) -> ScaleResult:
-    """Ramp up to ``max(levels)`` live children; see the module docstring."""
+class _Sleep:
+    """What the ramp's children wait on, by start method.
+
+    Fork children wait on the barrier pipe they inherit.  Forkserver children
+    inherit nothing from us: they wait on a FIFO, whose end we hold open
+    (read-write, so that their opens never block) until the release.
+    """
+
+    def __init__(self, method: str, barrier: Barrier) -> None:
+        self.method = method
+        self.barrier = barrier
+        self.fd = -1
+        if method == "fork":
+            self.target: Any = stamp_and_exit
+            self.args: tuple[Any, ...] = _sleeper_args(barrier)
+            return
+        self.dir = tempfile.mkdtemp(prefix="aioproc-bench-")
+        path = os.path.join(self.dir, "release")
+        os.mkfifo(path)
+        self.fd = os.open(path, os.O_RDWR)
+        self.target, self.args = wait_on_fifo, (path,)
+
+    def release(self) -> None:
+        self.barrier.release()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        self.release()
+        if self.method != "fork":
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_scale(
+    levels: list[int], samples: int, progress: Progress, method: str = "fork"
+) -> ScaleResult:
+    """Ramp up to ``max(levels)`` live children; see the module docstring.
+
+    *method* is the start method of the stdlib's and aioproc's children
+    (the bare forks are forks): "fork", or "forkserver", whose children are
+    forked from the small fork server and so take less memory each.
+    """
     top = max(levels)
     extra = 3 * samples * (len(levels) + 1)
     limit, why = raise_fd_limit(2 * (top + extra) + 256)
-    result = ScaleResult(asked=top, fd_limit=limit)
+    result = ScaleResult(asked=top, fd_limit=limit, method=method)
     result.fd_limit_note = why
     result_box: list[ScaleResult] = [result]
-    anyio.run(_scale, sorted(set(levels)), samples, result_box, progress, backend="asyncio")
+    anyio.run(_scale, sorted(set(levels)), samples, method, result_box, progress, backend="asyncio")
     return result
 
 
 async def _scale(
-    levels: list[int], samples: int, box: list[ScaleResult], progress: Progress
+    levels: list[int], samples: int, method: str, box: list[ScaleResult], progress: Progress
 ) -> None:
     result = box[0]
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context(method)
     barrier = Barrier()
+    sleep = _Sleep(method, barrier)
     pool: list[AsyncProcess] = []
     plain: list[multiprocessing.process.BaseProcess] = []
     forked: list[int] = []
@@ -125,12 +170,12 @@ async def _scale(
                 stamp_and_exit(*_sleeper_args(barrier))
             point["fork"].append(time.perf_counter() - t)
             forked.append(pid)
-            q = ctx.Process(target=stamp_and_exit, args=_sleeper_args(barrier))
+            q = ctx.Process(target=sleep.target, args=sleep.args)  # type: ignore[attr-defined]
             t = time.perf_counter()
             q.start()
             point["stdlib"].append(time.perf_counter() - t)
             plain.append(q)
-            p = AsyncProcess(target=stamp_and_exit, args=_sleeper_args(barrier), context="fork")
+            p = AsyncProcess(target=sleep.target, args=sleep.args, context=method)
             t = time.perf_counter()
             p.start()
             point["aioproc"].append(time.perf_counter() - t)
@@ -146,9 +191,7 @@ async def _scale(
                 while live() < level:
                     if len(pool) % 100 == 0:
                         _check_room(live(), floor)
-                    p = AsyncProcess(
-                        target=stamp_and_exit, args=_sleeper_args(barrier), context="fork"
-                    )
+                    p = AsyncProcess(target=sleep.target, args=sleep.args, context=method)
                     p.start()
                     pool.append(p)
                     progress.advance()
@@ -187,7 +230,7 @@ async def _scale(
             result.parent_fds_per_child = added[0] / ramped
             result.parent_rss_per_child = added[1] / ramped
             result.mem_available_per_child = added[2] / ramped
-        barrier.release()
+        sleep.release()
         t = time.perf_counter()
 
         async def join(p: AsyncProcess) -> None:
@@ -202,6 +245,7 @@ async def _scale(
             plain_process.join()
         for pid in forked:  # released with the rest: exiting, if not gone already
             os.waitpid(pid, 0)  # noqa: ASYNC222
+        sleep.close()
         barrier.close()
     codes = {p.exitcode for p in pool} | {other.exitcode for other in plain}
     if codes - {0}:

@@ -62,6 +62,10 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
     rng = random.Random(settings.seed)
     chosen = set(settings.scenarios)
     steps: list[Step] = []
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        # As the multiprocessing docs advise: the server imports what every
+        # child needs once, instead of each child importing it again.
+        multiprocessing.set_forkserver_preload(["benchmarks._children", "aioproc"])
 
     def usable(scenario: int, way: Way, start_method: str = "fork") -> bool:
         if settings.only and not any(way.matches(term) for term in settings.only):
@@ -106,10 +110,6 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
     if chosen & {3, 5}:
         section = {"batch": settings.batch, "repeat": settings.repeat, "runs": []}
         results["throughput"] = section
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            # As the multiprocessing docs advise: the server imports what every
-            # child needs once, instead of each child importing it again.
-            multiprocessing.set_forkserver_preload(["benchmarks._children", "aioproc"])
         for method in START_METHODS:
             if method not in multiprocessing.get_all_start_methods():
                 skipped.append({"scenario": "3", "way": method, "reason": "not on this platform"})
@@ -155,11 +155,13 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
 
         def scale(progress: Progress) -> dict[str, Any]:
             gc.collect()
-            record = run_scale(settings.scale, settings.scale_samples, progress).as_json()
+            record = run_scale(
+                settings.scale, settings.scale_samples, progress, settings.scale_method
+            ).as_json()
             results["scale"] = record
             return record
 
-        steps.append(Step(f"6 scale to {top} children", units, scale))
+        steps.append(Step(f"6 scale to {top} {settings.scale_method} children", units, scale))
     return steps
 
 
