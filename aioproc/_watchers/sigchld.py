@@ -228,3 +228,7 @@ class SigchldWatch(Watch):
             hub.watches.discard(self)
             if not hub.watches:
                 _drop_hub(hub)
+            elif hub.leader is None:
+                # This task may have been handed the lead just as its own child
+                # exited: pass it on, or the others wait for a leader forever.
+                hub.hand_over()
