@@ -133,7 +133,8 @@ def run_scale(
     """
     top = max(levels)
     extra = 3 * samples * (len(levels) + 1)
-    limit, why = raise_fd_limit(2 * (top + extra) + 256)
+    # Three descriptors per child: the two ends multiprocessing keeps, and the pidfd.
+    limit, why = raise_fd_limit(3 * (top + extra) + 256)
     result = ScaleResult(asked=top, fd_limit=limit, method=method)
     result.fd_limit_note = why
     result_box: list[ScaleResult] = [result]
