@@ -57,7 +57,7 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     size.add_argument(
         "--full",
         action="store_true",
-        help="every watcher on every loop in every scenario, and scale up to 10000 children",
+        help="every watcher on every loop in every scenario, and scale up to 5000 children",
     )
     parser.add_argument("--n", type=_positive_int, help="children in scenario 1")
     parser.add_argument("--rate", type=float, help="exits per second in scenarios 1, 2 and 5")

@@ -75,7 +75,14 @@ class ScaleResult:
         return asdict(self)
 
 
-def _check_room(live: int, floor: float) -> None:
+def _check_room(live: int, floor: float, fd_limit: int) -> None:
+    # Stop short of RLIMIT_NOFILE: a forkserver start that runs out of
+    # descriptors half-way crashes the stdlib's fork server with all its children.
+    if open_fds() + 3 * 100 + 64 > fd_limit:
+        raise _OutOfRoom(
+            f"stopped at {live} live children: the descriptor limit ({fd_limit}, "
+            "RLIMIT_NOFILE, not raisable here) allows no more at 3 per child"
+        )
     available = mem_available_bytes()
     if available < floor:
         raise _OutOfRoom(
@@ -191,7 +198,7 @@ async def _scale(
             try:
                 while live() < level:
                     if len(pool) % 100 == 0:
-                        _check_room(live(), floor)
+                        _check_room(live(), floor, result.fd_limit)
                     p = AsyncProcess(target=sleep.target, args=sleep.args, context=method)
                     p.start()
                     pool.append(p)

@@ -131,8 +131,7 @@ def preset(name: str) -> Settings:
             aiomultiprocess=True,
             lag_n=1000,
             throughput={"fork": 400, "forkserver": 150, "spawn": 30},
-            scale=[1000, 2000, 5000, 10000],
-            scale_method="forkserver",
+            scale=[1000, 2000, 5000],
         )
     if name == "quick":
         return Settings(
