@@ -6,16 +6,25 @@ becomes readable when the child exits, which ``anyio.wait_readable`` turns into 
 wake-up of the event loop with no thread and no polling.  Signals go through
 ``pidfd_send_signal``, which cannot hit a recycled pid even for a forkserver
 child that the fork server has already reaped.
+
+Forkserver children are the exception to "before anything could reap": the
+fork server is their parent and reaps them at once, and ``Popen`` learns the
+pid only after sending the child its work, so a quick child can be gone before
+``pidfd_open`` runs.  Then there is nothing to open (or worse, the pid names a
+stranger by now): the watch knows the child has exited, and its exit code is on
+the sentinel, where the fork server writes it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 
 from ._base import Watch
 
@@ -47,22 +56,50 @@ def is_supported() -> bool:
     return supported
 
 
+def _readable_now(fd: int) -> bool:
+    poller = select.poll()  # not select(): descriptors go past FD_SETSIZE here
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class PidfdWatch(Watch):
     name = "pidfd"
+    fd = -1
+    #: The child was gone before its pidfd could be opened (forkserver only).
+    gone = False
 
     fd = -1
 
     def __init__(self, popen: Popen) -> None:
         super().__init__(popen)
-        self.fd = os.pidfd_open(popen.pid)
+        if popen.method != "forkserver":
+            self.fd = os.pidfd_open(popen.pid)
+            return
+        try:
+            fd = os.pidfd_open(popen.pid)
+        except ProcessLookupError:
+            self.gone = True
+            return
+        if _readable_now(popen.sentinel):
+            # The fork server has already reported the exit, so the pid was
+            # free before we opened it: the pidfd may name another process.
+            os.close(fd)
+            self.gone = True
+            return
+        self.fd = fd
 
     async def wait_exited(self) -> None:
+        if self.gone:
+            await anyio.lowlevel.checkpoint()
+            return
         await anyio.wait_readable(self.fd)
 
     def wake_fd(self) -> int | None:
         return self.fd if self.fd >= 0 else None
 
     def send_signal(self, sig: signal.Signals) -> None:
+        if self.gone:
+            return  # exited; its pid may be someone else's by now
         if self.popen.returncode is None and self.fd >= 0:
             try:
                 signal.pidfd_send_signal(self.fd, sig)

@@ -240,5 +240,6 @@ class SigchldWatch(Watch):
             if not hub.watches:
                 _drop_hub(hub)
             elif hub.leader is None:
-                # The task we handed over to may be leaving too: pass it on.
+                # This task may have been handed the lead just as its own child
+                # exited: pass it on, or the others wait for a leader forever.
                 hub.hand_over()

@@ -1,0 +1,264 @@
+"""Scenario 6: how many sleeping children one event loop holds, and what start() costs.
+
+Children that block on one barrier pile up; at each checkpoint (so many live
+children) a few more are started three ways, each timed alone: a bare
+``os.fork``, the stdlib's ``multiprocessing.Process.start()`` and aioproc's
+``start()``.  The stdlib's start polls every live child first (its
+``_cleanup()``), and aioproc's children are in the same registry (so that
+``multiprocessing.active_children()`` sees them), which is exactly the
+situation of a program mixing the two.  At the top the barrier opens and one
+loop joins every child.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from aioproc import AsyncProcess
+
+from ._children import stamp_and_exit, wait_on_fifo
+from ._system import (
+    mem_available_bytes,
+    mem_total_bytes,
+    open_fds,
+    private_bytes,
+    raise_fd_limit,
+    rss_bytes,
+)
+from ._ways import Barrier
+
+if TYPE_CHECKING:
+    from ._progress import Progress
+
+#: Children whose private memory is read at the top (smaps_rollup is not free).
+_MEMORY_SAMPLE = 20
+#: The ramp stops while the machine still has this much memory available
+#: (other people's work runs here too: the OOM killer must stay asleep).
+_MEMORY_FLOOR = 0.15
+
+
+class _OutOfRoom(Exception):
+    """The machine's memory ran low before the asked number of children."""
+
+
+@dataclass
+class ScaleResult:
+    asked: int
+    method: str = "fork"
+    reached: int = 0
+    watcher: str | None = None
+    stopped_by: str | None = None
+    fd_limit: int = 0
+    #: Why RLIMIT_NOFILE could not be raised as far as asked (None: it was).
+    fd_limit_note: str | None = None
+    #: One point per checkpoint: live children, and the seconds each start took.
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    #: Private memory of sampled sleeping children: "fork", "stdlib", "aioproc".
+    private_bytes: dict[str, list[int]] = field(default_factory=dict)
+    #: What each aioproc child added while only they were being started.
+    parent_fds_per_child: float = 0.0
+    parent_rss_per_child: float = 0.0
+    mem_available_per_child: float = 0.0
+    ramp_seconds: float = 0.0
+    join_seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_room(live: int, floor: float, fd_limit: int) -> None:
+    # Stop short of RLIMIT_NOFILE: a forkserver start that runs out of
+    # descriptors half-way crashes the stdlib's fork server with all its children.
+    if open_fds() + 3 * 100 + 64 > fd_limit:
+        raise _OutOfRoom(
+            f"stopped at {live} live children: the descriptor limit ({fd_limit}, "
+            "RLIMIT_NOFILE, not raisable here) allows no more at 3 per child"
+        )
+    available = mem_available_bytes()
+    if available < floor:
+        raise _OutOfRoom(
+            f"stopped at {live} live children: {available / 2**30:.1f} GiB of memory "
+            f"left, less than {_MEMORY_FLOOR:.0%} of the machine's"
+        )
+
+
+def _sleeper_args(barrier: Barrier) -> tuple[Any, ...]:
+    return (None, 0, barrier.ends, 0.0)
+
+
+class _Sleep:
+    """What the ramp's children wait on, by start method.
+
+    Fork children wait on the barrier pipe they inherit.  Forkserver children
+    inherit nothing from us: they wait on a FIFO, whose end we hold open
+    (read-write, so that their opens never block) until the release.
+    """
+
+    def __init__(self, method: str, barrier: Barrier) -> None:
+        self.method = method
+        self.barrier = barrier
+        self.fd = -1
+        if method == "fork":
+            self.target: Any = stamp_and_exit
+            self.args: tuple[Any, ...] = _sleeper_args(barrier)
+            return
+        self.dir = tempfile.mkdtemp(prefix="aioproc-bench-")
+        path = os.path.join(self.dir, "release")
+        os.mkfifo(path)
+        self.fd = os.open(path, os.O_RDWR)
+        self.target, self.args = wait_on_fifo, (path,)
+
+    def release(self) -> None:
+        self.barrier.release()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        self.release()
+        if self.method != "fork":
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_scale(
+    levels: list[int], samples: int, progress: Progress, method: str = "fork"
+) -> ScaleResult:
+    """Ramp up to ``max(levels)`` live children; see the module docstring.
+
+    *method* is the start method of the stdlib's and aioproc's children
+    (the bare forks are forks): "fork", or "forkserver", whose children are
+    forked from the small fork server and so take less memory each.
+    """
+    top = max(levels)
+    extra = 3 * samples * (len(levels) + 1)
+    # Three descriptors per child: the two ends multiprocessing keeps, and the pidfd.
+    limit, why = raise_fd_limit(3 * (top + extra) + 256)
+    result = ScaleResult(asked=top, fd_limit=limit, method=method)
+    result.fd_limit_note = why
+    result_box: list[ScaleResult] = [result]
+    anyio.run(_scale, sorted(set(levels)), samples, method, result_box, progress, backend="asyncio")
+    return result
+
+
+async def _scale(
+    levels: list[int], samples: int, method: str, box: list[ScaleResult], progress: Progress
+) -> None:
+    result = box[0]
+    ctx = multiprocessing.get_context(method)
+    barrier = Barrier()
+    sleep = _Sleep(method, barrier)
+    pool: list[AsyncProcess] = []
+    plain: list[multiprocessing.process.BaseProcess] = []
+    forked: list[int] = []
+
+    def live() -> int:
+        return len(pool) + len(plain) + len(forked)
+
+    sampled: list[int | None] = []  # aioproc children started beside the fork/stdlib ones
+    ramped = 0
+    added = [0, 0, 0]  # fds, rss, MemAvailable: while only aioproc children were started
+    floor = _MEMORY_FLOOR * mem_total_bytes()
+    began = time.perf_counter()
+
+    def checkpoint() -> None:
+        point: dict[str, Any] = {"live": live(), "fork": [], "stdlib": [], "aioproc": []}
+        for _ in range(samples):
+            t = time.perf_counter()
+            pid = os.fork()
+            if pid == 0:
+                stamp_and_exit(*_sleeper_args(barrier))
+            point["fork"].append(time.perf_counter() - t)
+            forked.append(pid)
+            q = ctx.Process(target=sleep.target, args=sleep.args)  # type: ignore[attr-defined]
+            t = time.perf_counter()
+            q.start()
+            point["stdlib"].append(time.perf_counter() - t)
+            plain.append(q)
+            p = AsyncProcess(target=sleep.target, args=sleep.args, context=method)
+            t = time.perf_counter()
+            p.start()
+            point["aioproc"].append(time.perf_counter() - t)
+            pool.append(p)
+            sampled.append(p.pid)
+            progress.advance(3)
+        result.curve.append(point)
+
+    try:
+        for level in [0, *levels]:
+            before = (open_fds(), rss_bytes(), mem_available_bytes(), len(pool))
+            try:
+                while live() < level:
+                    if len(pool) % 100 == 0:
+                        _check_room(live(), floor, result.fd_limit)
+                    p = AsyncProcess(target=sleep.target, args=sleep.args, context=method)
+                    p.start()
+                    pool.append(p)
+                    progress.advance()
+            except _OutOfRoom as exc:
+                result.stopped_by = str(exc)
+            ramped += len(pool) - before[3]
+            added[0] += open_fds() - before[0]
+            added[1] += rss_bytes() - before[1]
+            added[2] += before[2] - mem_available_bytes()
+            checkpoint()  # where the ramp stopped, too
+            await anyio.lowlevel.checkpoint()
+            if result.stopped_by is not None:
+                break
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
+            raise
+        result.stopped_by = f"stopped at {live()} live children: {exc}"
+    finally:
+        result.ramp_seconds = time.perf_counter() - began
+        result.reached = live()
+        if pool:
+            result.watcher = pool[0].watcher
+        # Children of the same age (started together at the checkpoints): a
+        # child's private memory grows as the parent writes to pages they share.
+        pids: dict[str, list[int | None]] = {
+            "fork": list(forked),
+            "stdlib": [other.pid for other in plain],
+            "aioproc": sampled,
+            "aioproc, whole ramp": [p.pid for p in pool],
+        }
+        for kind, some in pids.items():
+            step = max(len(some) // _MEMORY_SAMPLE, 1)
+            sizes = [private_bytes(pid) for pid in some[::step][:_MEMORY_SAMPLE] if pid]
+            result.private_bytes[kind] = [size for size in sizes if size is not None]
+        if ramped:
+            result.parent_fds_per_child = added[0] / ramped
+            result.parent_rss_per_child = added[1] / ramped
+            result.mem_available_per_child = added[2] / ramped
+        sleep.release()
+        t = time.perf_counter()
+
+        async def join(p: AsyncProcess) -> None:
+            await p.join()
+            progress.advance()
+
+        async with anyio.create_task_group() as tg:
+            for p in pool:
+                tg.start_soon(join, p)
+        result.join_seconds = time.perf_counter() - t
+        for plain_process in plain:
+            plain_process.join()
+        for pid in forked:  # released with the rest: exiting, if not gone already
+            os.waitpid(pid, 0)  # noqa: ASYNC222
+        sleep.close()
+        barrier.close()
+    codes = {p.exitcode for p in pool} | {other.exitcode for other in plain}
+    if codes - {0}:
+        raise RuntimeError(f"scale: children exited with {codes}")
+    for p in pool:
+        p.close()
+    for other in plain:
+        other.close()

@@ -1,0 +1,220 @@
+"""The six scenarios, planned as steps (for the progress bar) and run in order."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._progress import Progress
+from ._scale import run_scale
+from ._settings import START_METHODS, Settings
+from ._ways import (
+    BACKENDS,
+    Batch,
+    BatchResult,
+    Way,
+    idle_lags,
+    run_batch,
+    run_on,
+    run_throughput,
+    storm_lags,
+)
+
+#: Children start exiting this long after the barrier opens (the herd has settled).
+FIRST_EXIT = 0.05
+_WARM_UP = 5
+
+
+@dataclass
+class Step:
+    label: str
+    units: int
+    #: Runs the step, stores its figures in the results and returns that record.
+    run: Callable[[Progress], dict[str, Any] | None]
+
+
+def exit_schedule(
+    n: int, rate: float, rng: random.Random, first: float = FIRST_EXIT
+) -> list[float]:
+    """Delays after the barrier for *n* children: *rate* exits per second, random order."""
+    delays = [first + i / rate for i in range(n)]
+    rng.shuffle(delays)
+    return delays
+
+
+class _Silent(Progress):
+    def __init__(self) -> None:
+        super().__init__(1, enabled=False)
+
+
+def _warm_up(way: Way) -> None:
+    """Imports, executors, fork-server start, first-use caches: not measured."""
+    run_batch(way, Batch([0.0] * _WARM_UP), _Silent())
+
+
+def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, str]]) -> list[Step]:
+    """Every step of the run, in order; fills *results* as they run."""
+    rng = random.Random(settings.seed)
+    chosen = set(settings.scenarios)
+    steps: list[Step] = []
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        # As the multiprocessing docs advise: the server imports what every
+        # child needs once, instead of each child importing it again.
+        multiprocessing.set_forkserver_preload(["benchmarks._children", "aioproc"])
+
+    def usable(scenario: int, way: Way, start_method: str = "fork") -> bool:
+        if settings.only and not any(way.matches(term) for term in settings.only):
+            return False
+        reason = way.unavailable(start_method)
+        if reason is not None:
+            where = f"{way.label}" + (f" ({start_method})" if start_method != "fork" else "")
+            skipped.append({"scenario": str(scenario), "way": where, "reason": reason})
+        return reason is None
+
+    if chosen & {1, 4}:
+        delays = exit_schedule(settings.n, settings.rate, rng)
+        section: dict[str, Any] = {"n": settings.n, "rate": settings.rate, "runs": []}
+        results["latency"] = section
+        for way in settings.latency_ways():
+            if usable(1, way):
+                steps.append(_batch_step("1 join latency", way, Batch(delays), section["runs"]))
+
+    if 2 in chosen:
+        long = [settings.hol_long_seconds] * settings.hol_long
+        short = exit_schedule(settings.hol_short, settings.rate, rng)
+        section = {
+            "long": settings.hol_long,
+            "long_seconds": settings.hol_long_seconds,
+            "short": settings.hol_short,
+            "rate": settings.rate,
+            "runs": [],
+        }
+        results["hol"] = section
+        for way in settings.hol_ways():
+            if usable(2, way):
+                steps.append(
+                    _batch_step(
+                        "2 head-of-line",
+                        way,
+                        Batch(long + short),
+                        section["runs"],
+                        keep_from=settings.hol_long,
+                    )
+                )
+
+    if chosen & {3, 5}:
+        section = {"batch": settings.batch, "repeat": settings.repeat, "runs": []}
+        results["throughput"] = section
+        for method in START_METHODS:
+            if method not in multiprocessing.get_all_start_methods():
+                skipped.append({"scenario": "3", "way": method, "reason": "not on this platform"})
+                continue
+            n = settings.throughput[method]
+            ways = [w for w in settings.throughput_ways(method) if usable(3, w, method)]
+            for rep in range(settings.repeat):
+                for way in ways:
+                    steps.append(
+                        _throughput_step(
+                            way, method, n, settings.batch, rep=rep, into=section["runs"]
+                        )
+                    )
+
+    if 5 in chosen:
+        section = {
+            "n": settings.lag_n,
+            "heartbeat_seconds": 0.001,
+            "idle": {},
+            "storm": {},
+            "runs": [],
+        }
+        results["lag"] = section
+        for backend in BACKENDS:
+            if Way("aioproc", backend, None).unavailable("fork") is None:
+                steps.append(_idle_step(backend, settings.idle_seconds, section["idle"]))
+        delays = exit_schedule(settings.lag_n, settings.rate, rng)
+
+        def storm(progress: Progress) -> None:
+            gc.collect()
+            section["storm"]["asyncio"] = storm_lags("asyncio", delays, progress)
+
+        steps.append(Step("5 exits, no joins · asyncio", len(delays), storm))
+        for way in settings.lag_ways():
+            if usable(5, way):
+                steps.append(
+                    _batch_step("5 loop lag", way, Batch(delays, heartbeat=True), section["runs"])
+                )
+
+    if 6 in chosen:
+        top = max(settings.scale)
+        units = 2 * top + 3 * settings.scale_samples * (len(settings.scale) + 1)
+
+        def scale(progress: Progress) -> dict[str, Any]:
+            gc.collect()
+            record = run_scale(
+                settings.scale, settings.scale_samples, progress, settings.scale_method
+            ).as_json()
+            results["scale"] = record
+            return record
+
+        steps.append(Step(f"6 scale to {top} {settings.scale_method} children", units, scale))
+    return steps
+
+
+def _batch_step(
+    title: str, way: Way, batch: Batch, into: list[dict[str, Any]], keep_from: int = 0
+) -> Step:
+    def run(progress: Progress) -> dict[str, Any]:
+        _warm_up(way)
+        gc.collect()
+        result: BatchResult = run_batch(way, batch, progress)
+        record = result.as_json()
+        record["latencies"] = record["latencies"][keep_from:]
+        into.append(record)
+        return record
+
+    return Step(f"{title} · {way.label}", 2 * len(batch.delays), run)
+
+
+def _throughput_step(
+    way: Way, method: str, n: int, batch: int, *, rep: int, into: list[dict[str, Any]]
+) -> Step:
+    def run(progress: Progress) -> dict[str, Any]:
+        if rep == 0:
+            run_throughput(way, method, min(batch, 4), batch, _Silent())
+        gc.collect()
+        record = run_throughput(way, method, n, batch, progress).as_json()
+        record["rep"] = rep
+        into.append(record)
+        return record
+
+    return Step(f"3 throughput {method} · {way.label} #{rep + 1}", n, run)
+
+
+def _idle_step(backend: str, seconds: float, into: dict[str, list[float]]) -> Step:
+    def run(progress: Progress) -> None:
+        into[backend] = run_on(backend, idle_lags, seconds)  # type: ignore[arg-type]
+        progress.advance()
+
+    return Step(f"5 idle loop · {backend}", 1, run)
+
+
+def median_throughput(runs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (start method, way): the median rate over repeats, and all start() times."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault((run["start_method"], run["way"]), []).append(run)
+    merged = {}
+    for key, reps in grouped.items():
+        merged[key] = {
+            "per_second": statistics.median(r["per_second"] for r in reps),
+            "cpu_per_child": statistics.median(r["cpu_seconds"] / r["n"] for r in reps),
+            "start_seconds": [s for r in reps for s in r["start_seconds"]],
+            "reps": len(reps),
+            "others_cpu_share": statistics.mean(r.get("others_cpu_share", 0.0) for r in reps),
+        }
+    return merged

@@ -1,0 +1,121 @@
+"""The README's main job, ``python -m benchmarks``, runs end to end.
+
+A smoke run at the smallest sizes (``--quick``: 20 children, every scenario and
+every kind of way), so that the benchmark cannot rot.  Nothing here asserts a
+speed: the figures are only checked for their shape and for being real (a
+latency per child, positive and finite; the children all reaped).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("latency", "hol", "throughput", "lag", "scale")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error",
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--json",
+            str(out / "figures.json"),
+            "--plot",
+            str(out / "latency.png"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    return {
+        "returncode": proc.returncode,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+        "json": out / "figures.json",
+        "png": out / "latency.png",
+    }
+
+
+def test_exits_cleanly(quick_run: dict[str, Any]) -> None:
+    assert quick_run["returncode"] == 0, quick_run["stderr"]
+    for bad in ("Traceback", "Exception ignored", "Warning"):
+        assert bad not in quick_run["stderr"], quick_run["stderr"]
+
+
+def test_raw_figures(quick_run: dict[str, Any]) -> None:
+    results = json.loads(quick_run["json"].read_text())
+    assert results["children_left"] == []
+    assert results["preset"] == "quick"
+    assert set(SECTIONS) <= set(results)
+    assert {"date", "cpu", "cores", "kernel", "python", "versions"} <= set(results["machine"])
+
+    ways = {run["way"] for run in results["latency"]["runs"]}
+    assert {"raw", "sync", "thread", "poll", "aioproc pidfd/asyncio"} <= ways
+    for section in ("latency", "hol", "lag"):
+        for run in results[section]["runs"]:
+            latencies = run["latencies"]
+            assert len(latencies) == 20, (section, run["way"])
+            assert all(0 < x < 60 for x in latencies), (section, run["way"])
+            assert len(run["start_seconds"]) == run["n"]
+            assert run["cpu_seconds"] > 0
+    for run in results["lag"]["runs"]:
+        assert run["lags"], run["way"]  # the heartbeat ran while the children were joined
+    assert set(results["lag"]["idle"]) <= {"asyncio", "uvloop", "trio"}
+
+    methods = {run["start_method"] for run in results["throughput"]["runs"]}
+    assert methods == {"fork", "forkserver", "spawn"}
+    assert all(run["per_second"] > 0 for run in results["throughput"]["runs"])
+
+    scale = results["scale"]
+    assert scale["reached"] >= 40
+    assert scale["curve"][0]["live"] == 0
+    assert scale["stopped_by"] is None
+
+    for target in results["targets"]:
+        assert target["verdict"] in ("met", "**missed**", "n/a"), target
+        assert all(not math.isnan(v) for v in target["values"].values()), target
+
+
+def test_table(quick_run: dict[str, Any]) -> None:
+    text = quick_run["stdout"]
+    for title in (
+        "### 1. Join latency",
+        "### 2. Head-of-line",
+        "### 3. Start+join throughput",
+        "### 5. Event-loop lag",
+        "### 6. Scale",
+        "### Targets",
+    ):
+        assert title in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    # A way run while other processes were busy carries a mark after its name.
+    names = {row.split("|")[1].strip().removesuffix(" †") for row in rows}
+    for way in ("raw", "waitid", "sync", "thread", "poll", "aioproc pidfd/asyncio"):
+        assert way in names, way
+    assert "| 1: pidfd p50 latency <= 1.5x raw" in text
+    assert f"Raw figures: {quick_run['json']}" in text
+
+
+def test_plot(quick_run: dict[str, Any]) -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "matplotlib is not installed" in quick_run["stdout"]
+        assert not quick_run["png"].exists()
+    else:
+        assert quick_run["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
