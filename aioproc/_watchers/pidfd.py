@@ -68,8 +68,6 @@ class PidfdWatch(Watch):
     #: The child was gone before its pidfd could be opened (forkserver only).
     gone = False
 
-    fd = -1
-
     def __init__(self, popen: Popen) -> None:
         super().__init__(popen)
         if popen.method != "forkserver":
