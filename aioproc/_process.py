@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import errno
 import math
 import multiprocessing
 import multiprocessing.context
@@ -17,6 +18,7 @@ import anyio
 
 from ._child import ChildState
 from ._childstate import reset_loop_state
+from ._popen import launch
 from ._watchers import Place, attach, choose
 
 if TYPE_CHECKING:
@@ -159,7 +161,7 @@ class AsyncProcess(mp_process.BaseProcess):
         ctx = self._ctx if self._ctx is not None else multiprocessing.get_context()
         watch_cls = choose(Place.here(ctx.get_start_method()))
         _ensure_exit_handler()
-        popen: Popen = ctx.Process._Popen(self)  # type: ignore[attr-defined]
+        popen = launch(self, ctx)
         try:
             watch = attach(watch_cls, popen)
         except BaseException as exc:
@@ -167,9 +169,9 @@ class AsyncProcess(mp_process.BaseProcess):
             if isinstance(exc, OSError):
                 raise OSError(
                     exc.errno,
-                    f"could not watch the new child ({exc.strerror}); it was killed "
-                    "and reaped, and this process can be started again. Free file "
-                    "descriptors or raise RLIMIT_NOFILE",
+                    f"could not watch the new child: {_strerror(exc)}; it was killed "
+                    "and reaped, nothing is left and start() may be called again; "
+                    "close file descriptors or raise RLIMIT_NOFILE",
                 ) from exc
             raise
         self._state = ChildState(popen, watch)
@@ -334,6 +336,12 @@ class AsyncProcess(mp_process.BaseProcess):
         state.pop("_ctx", None)
         state.pop("_state", None)
         return state
+
+
+def _strerror(exc: OSError) -> str:
+    """'too many open files (EMFILE)': the error, and the name to look it up by."""
+    name = errno.errorcode.get(exc.errno or 0, "unknown error")
+    return f"{(exc.strerror or name).lower()} ({name})"
 
 
 def _kill_and_reap(popen: Popen) -> None:

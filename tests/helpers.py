@@ -67,3 +67,46 @@ def killed_afterwards(pid: int) -> Iterator[None]:
 
             select.select([fd], [], [], 10)
             os.close(fd)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size, from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def has_zombie_child() -> bool:
+    """Whether some child of this process has exited and not been reaped."""
+    try:
+        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False
+
+
+@contextlib.contextmanager
+def only_free_fds(free: int) -> Iterator[list[int]]:
+    """Leave exactly *free* descriptor numbers available to this process.
+
+    Lowers the soft RLIMIT_NOFILE just above the highest open descriptor and
+    fills every hole below it with /dev/null, then frees *free* of them.  The
+    filler descriptors are yielded (a test may close more) and closed on exit;
+    the limit is restored.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1 + free, hard))
+    try:
+        while True:
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        for _ in range(free):
+            os.close(fillers.pop())
+        yield fillers
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

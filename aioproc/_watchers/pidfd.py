@@ -49,6 +49,7 @@ def is_supported() -> bool:
 
 class PidfdWatch(Watch):
     name = "pidfd"
+    fd = -1  # until pidfd_open succeeds: __del__ runs even when __init__ raised
 
     def __init__(self, popen: Popen) -> None:
         super().__init__(popen)
