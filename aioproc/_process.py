@@ -9,6 +9,7 @@ import multiprocessing
 import multiprocessing.context
 import multiprocessing.process as mp_process
 import multiprocessing.util as mp_util
+import numbers
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
@@ -31,17 +32,27 @@ _FOREVER = 1e9
 
 
 def _check_timeout(timeout: object) -> float | None:
+    """The timeout as a float, None for "forever"; or a clear error.
+
+    Any real number is accepted (int, float, Fraction, numpy scalars); one too
+    large for a float (``10**400``) waits forever like ``inf``.
+    """
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(
-            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
+            "timeout must be a real number of seconds (an int or a float) or None, "
+            f"not {type(timeout).__name__}"
         )
-    if math.isnan(timeout):
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int or a Fraction beyond any float
+        seconds = -math.inf if timeout < 0 else math.inf
+    if math.isnan(seconds):
         raise ValueError("timeout must be a number of seconds or None, not NaN")
-    if timeout < 0:
+    if seconds < 0:
         raise ValueError(f"timeout must be >= 0 (0 polls, None waits forever), got {timeout!r}")
-    return None if timeout >= _FOREVER else float(timeout)
+    return None if seconds >= _FOREVER else seconds
 
 
 def _resolve_context(context: object) -> multiprocessing.context.BaseContext | None:
@@ -196,13 +207,12 @@ class AsyncProcess(mp_process.BaseProcess):
         state = self._started_child("join")
         if timeout is None:
             code: int | None = await state.wait()
-        elif timeout == 0:
+        else:
             await anyio.lowlevel.checkpoint()
             code = state.poll()
-        else:
-            code = None
-            with anyio.move_on_after(timeout):
-                code = await state.wait()
+            if code is None and timeout > 0:
+                with anyio.move_on_after(timeout):
+                    code = await state.wait()
         if code is not None:
             mp_process._children.discard(self)  # type: ignore[attr-defined]
         return code

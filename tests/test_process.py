@@ -484,9 +484,9 @@ async def test_misuse_start_twice_and_close_running() -> None:
 @pytest.mark.parametrize(
     ("timeout", "error", "match"),
     [
-        ("1", TypeError, "timeout must be a number"),
-        (True, TypeError, "timeout must be a number"),
-        ([], TypeError, "timeout must be a number"),
+        ("1", TypeError, "timeout must be a real number"),
+        (True, TypeError, "timeout must be a real number"),
+        ([], TypeError, "timeout must be a real number"),
         (-1, ValueError, "timeout must be >= 0"),
         (-0.5, ValueError, "timeout must be >= 0"),
         (float("nan"), ValueError, "NaN"),
