@@ -143,15 +143,34 @@ def launch(process_obj: BaseProcess, ctx: BaseContext) -> popen_fork.Popen:
         if cls is None:  # a start method of someone else's making
             popen: popen_fork.Popen = ctx.Process._Popen(process_obj)  # type: ignore[attr-defined]
             return popen
+        if method == "forkserver":
+            return _launch_through_fork_server(cls, process_obj)
         return cls(process_obj)
     except OSError as exc:
         error = start_error(exc)
         if error is exc:
             raise
         raise error from exc
+
+
+def _launch_through_fork_server(
+    cls: type[popen_fork.Popen], process_obj: BaseProcess
+) -> popen_fork.Popen:
+    """Ask the fork server for the child, once more if the server was going away.
+
+    The stdlib's fork server dies when a request fails half-way (a client that
+    ran out of descriptors after connecting) or when it cannot fork.  The next
+    request then finds it dying: refused, hung up on, or a broken pipe.  That
+    request is made once more, once the old server is gone, so that a new one
+    is started.
+    """
+    try:
+        return cls(process_obj)
+    except (ConnectionError, EOFError):  # refused, hung up on, or a broken pipe
+        _wait_until_fork_server_exited()
+    try:
+        return cls(process_obj)
     except EOFError as exc:
-        if method != "forkserver":
-            raise
         _wait_until_fork_server_exited()
         raise RuntimeError(
             "the fork server closed the connection before reporting the new child "
@@ -161,12 +180,12 @@ def launch(process_obj: BaseProcess, ctx: BaseContext) -> popen_fork.Popen:
 
 
 def _wait_until_fork_server_exited(timeout: float = 5.0) -> None:
-    """Wait (without reaping it) for a fork server that hung up on us to be gone.
+    """Wait (without reaping it) for a fork server that is going away to be gone.
 
-    It hangs up by exiting, and the descriptors of an exiting process close a
-    moment before it becomes a zombie.  ``forkserver.ensure_running()`` starts a
-    new server only once the old one is a zombie, so without this wait a
-    ``start()`` right after the failure could still find the dying one.
+    It closes its socket and our pipe a moment before it becomes a zombie, and
+    ``forkserver.ensure_running()`` starts a new server only once the old one
+    is a zombie: without this wait, a ``start()`` right after could still find
+    the dying one.
     """
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
     if not pid:

@@ -34,6 +34,8 @@ import anyio
 import aioproc
 from aioproc import AsyncProcess
 
+from .helpers import children_of_this_process, fork_server_fd, open_fds
+
 NOBODY = 65534
 
 
@@ -43,18 +45,6 @@ def noop() -> None:
 
 def sleep_briefly() -> None:
     time.sleep(0.3)
-
-
-def open_fds() -> list[int]:
-    return sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
-
-
-def children() -> list[int]:
-    pids: list[int] = []
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/children") as f:
-            pids += (int(p) for p in f.read().split())
-    return sorted(pids)
 
 
 @contextmanager
@@ -89,7 +79,7 @@ async def start_fails(scenario: str, tmp: str) -> dict[str, Any]:
     if scenario == "forkserver-fork":
         jail_fork_server(tmp)
     p = AsyncProcess(target=noop, context=method)
-    fds, kids = open_fds(), children()
+    fds, kids = open_fds() - fork_server_fd(), children_of_this_process()
     error: list[Any] = []
     if scenario == "forkserver-fork":
         try:
@@ -105,8 +95,8 @@ async def start_fails(scenario: str, tmp: str) -> dict[str, Any]:
                 error = [type(exc).__name__, getattr(exc, "errno", None), str(exc)]
     report: dict[str, Any] = {
         "error": error,
-        "fds_left": sorted(set(open_fds()) - set(fds) - fork_server_alive_fd()),
-        "children_left": sorted(set(children()) - set(kids) - fork_server()),
+        "fds_left": sorted(open_fds() - fork_server_fd() - fds),
+        "children_left": sorted(children_of_this_process() - kids - fork_server()),
         "after_failure": [p.pid, p.exitcode, p.is_alive(), repr(p)],
     }
     p.start()  # the same object, now that processes are available again
@@ -114,14 +104,6 @@ async def start_fails(scenario: str, tmp: str) -> dict[str, Any]:
         report["exitcode_of_second_start"] = await p.join()
     p.close()
     return report
-
-
-def fork_server_alive_fd() -> set[int]:
-    """The fork server's own pipe, opened when the fork server is started."""
-    from multiprocessing import forkserver
-
-    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    return {fd} if fd is not None else set()
 
 
 def fork_server() -> set[int]:

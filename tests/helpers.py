@@ -30,7 +30,23 @@ def fork_server_and_helpers() -> set[int]:
 
 
 def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+    """This process's open descriptors (not the one used to list them)."""
+    listed = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    return {fd for fd in listed if _is_open(fd)}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.get_inheritable(fd)
+    except OSError:
+        return False
+    return True
+
+
+def fork_server_fd() -> set[int]:
+    """The pipe multiprocessing keeps to its fork server (renewed with the server)."""
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    return {fd} if fd is not None else set()
 
 
 def pid_exists(pid: int) -> bool:
