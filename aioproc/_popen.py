@@ -16,7 +16,8 @@ So ``AsyncProcess.start()`` goes through ``launch()``:
   step fails; the child runs exactly what the stdlib's fork child runs.
 - spawn and forkserver: the stdlib's launch; when it fails, its descriptors
   are closed at once, and a spawn child that already exists (it died before
-  the process object could be written to it) is killed and reaped.
+  the process object could be written to it) is killed and reaped.  A
+  request that finds the fork server dying is made once more, to a new one.
 
 Either way the error says what ran out and what to do (``start_error``), and
 the ``AsyncProcess`` stays unstarted: ``start()`` may be called again.
