@@ -4,8 +4,8 @@ Churn and exit storms run on every backend x watcher.  Their sizes scale with
 the environment variable ``AIOPROC_STRESS_SCALE`` (default 1, what CI runs on
 its main Python): churn ``1000 x scale`` children per backend x watcher, in
 waves of ``WAVE`` at once (``AIOPROC_STRESS_SCALE=10`` is the full 10,000 per
-watcher); exit storms of 1000 children, fewer below scale 1 (CI's runs on the
-other Pythons use 0.1).
+watcher; give it ``--timeout=1800``); exit storms of 1000 children, fewer
+below scale 1 (CI's runs on the other Pythons use 0.1).
 """
 
 from __future__ import annotations
