@@ -16,6 +16,7 @@ loop still has joiners, and gets a fresh lock once it has none.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from typing import TYPE_CHECKING
@@ -97,6 +98,15 @@ class ChildState:
             await watch.wait_exited()
         except anyio.ClosedResourceError:
             pass  # close() released the watch: the child had already exited
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            raise OSError(
+                exc.errno,
+                f"join() could not set up the {watch.name} watcher: too many open files "
+                f"({errno.errorcode[exc.errno]}); the child is unaffected and can be joined "
+                "again; close file descriptors or raise RLIMIT_NOFILE",
+            ) from exc
         finally:
             self._waiting = False
         return await self._collect()

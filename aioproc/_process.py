@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextvars
+import errno
 import math
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.process as mp_process
 import multiprocessing.util as mp_util
+import numbers
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +19,7 @@ import anyio
 
 from ._child import ChildState
 from ._childstate import reset_loop_state
+from ._popen import launch
 from ._watchers import Place, attach, choose
 
 if TYPE_CHECKING:
@@ -29,17 +32,27 @@ _FOREVER = 1e9
 
 
 def _check_timeout(timeout: object) -> float | None:
+    """The timeout as a float, None for "forever"; or a clear error.
+
+    Any real number is accepted (int, float, Fraction, numpy scalars); one too
+    large for a float (``10**400``) waits forever like ``inf``.
+    """
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(
-            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
+            "timeout must be a real number of seconds (an int or a float) or None, "
+            f"not {type(timeout).__name__}"
         )
-    if math.isnan(timeout):
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int or a Fraction beyond any float
+        seconds = -math.inf if timeout < 0 else math.inf
+    if math.isnan(seconds):
         raise ValueError("timeout must be a number of seconds or None, not NaN")
-    if timeout < 0:
+    if seconds < 0:
         raise ValueError(f"timeout must be >= 0 (0 polls, None waits forever), got {timeout!r}")
-    return None if timeout >= _FOREVER else float(timeout)
+    return None if seconds >= _FOREVER else seconds
 
 
 def _resolve_context(context: object) -> multiprocessing.context.BaseContext | None:
@@ -159,7 +172,7 @@ class AsyncProcess(mp_process.BaseProcess):
         ctx = self._ctx if self._ctx is not None else multiprocessing.get_context()
         watch_cls = choose(Place.here(ctx.get_start_method()))
         _ensure_exit_handler()
-        popen: Popen = ctx.Process._Popen(self)  # type: ignore[attr-defined]
+        popen = launch(self, ctx)
         try:
             watch = attach(watch_cls, popen)
         except BaseException as exc:
@@ -167,9 +180,9 @@ class AsyncProcess(mp_process.BaseProcess):
             if isinstance(exc, OSError):
                 raise OSError(
                     exc.errno,
-                    f"could not watch the new child ({exc.strerror}); it was killed "
-                    "and reaped, and this process can be started again. Free file "
-                    "descriptors or raise RLIMIT_NOFILE",
+                    f"could not watch the new child: {_strerror(exc)}; it was killed "
+                    "and reaped, nothing is left and start() may be called again; "
+                    "close file descriptors or raise RLIMIT_NOFILE",
                 ) from exc
             raise
         self._state = ChildState(popen, watch)
@@ -194,13 +207,12 @@ class AsyncProcess(mp_process.BaseProcess):
         state = self._started_child("join")
         if timeout is None:
             code: int | None = await state.wait()
-        elif timeout == 0:
+        else:
             await anyio.lowlevel.checkpoint()
             code = state.poll()
-        else:
-            code = None
-            with anyio.move_on_after(timeout):
-                code = await state.wait()
+            if code is None and timeout > 0:
+                with anyio.move_on_after(timeout):
+                    code = await state.wait()
         if code is not None:
             mp_process._children.discard(self)  # type: ignore[attr-defined]
         return code
@@ -334,6 +346,12 @@ class AsyncProcess(mp_process.BaseProcess):
         state.pop("_ctx", None)
         state.pop("_state", None)
         return state
+
+
+def _strerror(exc: OSError) -> str:
+    """'too many open files (EMFILE)': the error, and the name to look it up by."""
+    name = errno.errorcode.get(exc.errno or 0, "unknown error")
+    return f"{(exc.strerror or name).lower()} ({name})"
 
 
 def _kill_and_reap(popen: Popen) -> None:

@@ -19,7 +19,7 @@ import uvloop
 import aioproc
 from aioproc._watchers import pidfd
 
-from .helpers import children_of_this_process, fork_server_and_helpers
+from .helpers import children_of_this_process, fork_server_and_helpers, state_of
 
 # Threads make os.fork() warn on Python >= 3.12.  Two kinds exist in these tests by
 # design: the thread watcher's, and the I/O thread of trio's guest mode, which
@@ -84,13 +84,14 @@ def _no_child_left_behind() -> Iterator[None]:
     allowed = fork_server_and_helpers()
     left = children_of_this_process() - allowed
     if left:
+        states = {pid: state_of(pid) for pid in sorted(left)}  # Z: exited, not reaped
         for pid in left:  # do not let one test's leak fail the next ones
             try:
                 os.kill(pid, 9)
                 os.waitpid(pid, 0)
             except OSError:
                 pass
-        pytest.fail(f"test left child processes behind: {sorted(left)}")
+        pytest.fail(f"test left child processes behind (pid: state): {states}")
     try:
         exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:

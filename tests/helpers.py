@@ -30,7 +30,23 @@ def fork_server_and_helpers() -> set[int]:
 
 
 def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+    """This process's open descriptors (not the one used to list them)."""
+    listed = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    return {fd for fd in listed if _is_open(fd)}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.get_inheritable(fd)
+    except OSError:
+        return False
+    return True
+
+
+def fork_server_fd() -> set[int]:
+    """The pipe multiprocessing keeps to its fork server (renewed with the server)."""
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    return {fd} if fd is not None else set()
 
 
 def pid_exists(pid: int) -> bool:
@@ -136,3 +152,46 @@ def reaping_orphans(deadline: float = 30.0) -> Iterator[None]:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
             time.sleep(0.01)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size, from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def has_zombie_child() -> bool:
+    """Whether some child of this process has exited and not been reaped."""
+    try:
+        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return False
+
+
+@contextlib.contextmanager
+def only_free_fds(free: int) -> Iterator[list[int]]:
+    """Leave exactly *free* descriptor numbers available to this process.
+
+    Lowers the soft RLIMIT_NOFILE just above the highest open descriptor and
+    fills every hole below it with /dev/null, then frees *free* of them.  The
+    filler descriptors are yielded (a test may close more) and closed on exit;
+    the limit is restored.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(open_fds()) + 1 + free, hard))
+    try:
+        while True:
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        for _ in range(free):
+            os.close(fillers.pop())
+        yield fillers
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -334,3 +334,44 @@ class LoadsOnlyInAChild:
 
 def return_loads_only_in_a_child() -> LoadsOnlyInAChild:
     return LoadsOnlyInAChild()
+
+
+def sleep_then_exit(seconds: float, code: int) -> None:
+    time.sleep(seconds)
+    os._exit(code)
+
+
+def churn_code(i: int) -> int:
+    """The exit code child *i* of a churn ends with (negative: killed by that signal)."""
+    if i % 97 == 0:
+        return -signal.SIGKILL
+    return i % 200
+
+
+def churn(i: int) -> None:
+    """Exit as churn_code(i) says, through each way a child can end."""
+    code = churn_code(i)
+    if code < 0:
+        os.kill(os.getpid(), -code)
+    if i % 2:
+        os._exit(code)
+    sys.exit(code)
+
+
+def exit_after_barrier(read_fd: int, write_fd: int, code: int) -> None:
+    """Let go of the barrier's write end, wait until every holder has, then exit."""
+    os.close(write_fd)
+    os.read(read_fd, 1)
+    os._exit(code)
+
+
+def ready_then_crash(conn: Connection, how: str) -> None:
+    """Report ready, wait for the word, then die as *how* says."""
+    conn.send("ready")
+    conn.recv()
+    if how == "segfault":
+        segfault()
+    elif how == "abort":
+        faulthandler.disable()
+        os.abort()
+    os._exit(99)

@@ -4,19 +4,17 @@ no foreign child reaped, a clean interpreter exit."""
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing
 import os
 import subprocess
 import sys
 import textwrap
-import threading
-import warnings
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
-import uvloop
 
 from aioproc import AsyncProcess
 
@@ -26,67 +24,84 @@ from .helpers import children_of_this_process, open_fds
 DEADLINE = 60
 
 
-def _wait_for_eof(read_fd: int, write_fd: int) -> None:
-    """Child: let go of the barrier's write end, then wait for the parent's release."""
+NO_THREAD_SCRIPT = """
+import json, os, sys, threading, warnings
+import anyio
+from aioproc import AsyncProcess
+
+N = 1000
+
+def wait_for_eof(read_fd, write_fd):
+    # Let go of the barrier's write end, then wait for the parent's release.
     os.close(write_fd)
     os.read(read_fd, 1)
 
-
-@pytest.mark.parametrize(
-    ("backend", "options"),
-    [
-        ("asyncio", {}),
-        ("asyncio", {"loop_factory": uvloop.new_event_loop}),
-        ("trio", {}),
-    ],
-    ids=["asyncio", "uvloop", "trio"],
-)
-def test_no_thread_and_no_fork_warning_with_1000_children(
-    backend: str, options: dict[str, Any]
-) -> None:
-    """The default (pidfd) path creates no thread, so os.fork() never warns.
-
-    Runs its own loop: anyio's pytest plugin runs trio in guest mode, whose I/O
-    thread would make the count meaningless.
-    """
-    n = 1000
-    threads_before = threading.active_count()
-    seen: dict[str, int] = {}
-
-    async def main() -> list[int | None]:
-        r, w = os.pipe()
-        procs = [AsyncProcess(target=_wait_for_eof, args=(r, w)) for _ in range(n)]
-        try:
-            for p in procs:
-                p.start()
-        finally:
-            os.close(w)  # release them all at once (an exit storm)
-            os.close(r)
-        codes: list[int | None] = [None] * n
-
-        async def join(i: int) -> None:
-            codes[i] = await procs[i].join()
-
-        with anyio.fail_after(DEADLINE):
-            async with anyio.create_task_group() as tg:
-                for i in range(n):
-                    tg.start_soon(join, i)
-                await anyio.lowlevel.checkpoint()
-                seen["threads_while_joining"] = threading.active_count()
-        seen["watchers"] = len({p.watcher for p in procs})
-        assert {p.watcher for p in procs} == {"pidfd"}
+async def main():
+    report = {"threads_before": threading.active_count()}
+    r, w = os.pipe()
+    procs = [AsyncProcess(target=wait_for_eof, args=(r, w)) for _ in range(N)]
+    try:
         for p in procs:
-            p.close()
-        return codes
+            p.start()
+    finally:
+        os.close(w)  # release them all at once (an exit storm)
+        os.close(r)
+    codes = [None] * N
 
+    async def join(i):
+        codes[i] = await procs[i].join()
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for i in range(N):
+                tg.start_soon(join, i)
+            await anyio.lowlevel.checkpoint()
+            report["threads_while_joining"] = threading.active_count()
+    report["watchers"] = sorted({p.watcher for p in procs})
+    report["codes_all_zero"] = codes == [0] * N
+    for p in procs:
+        p.close()
+    return report
+
+if __name__ == "__main__":
+    backend, options = sys.argv[1], {}
+    if backend == "uvloop":
+        import uvloop
+        backend, options = "asyncio", {"loop_factory": uvloop.new_event_loop}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        codes = anyio.run(main, backend=backend, backend_options=options)
-    assert codes == [0] * n
-    assert seen["threads_while_joining"] == threads_before
-    assert threading.active_count() == threads_before
-    fork_warnings = [w for w in caught if "fork" in str(w.message)]
-    assert fork_warnings == []
+        report = anyio.run(main, backend=backend, backend_options=options)
+    report["threads_after"] = threading.active_count()
+    report["fork_warnings"] = [str(w.message) for w in caught if "fork" in str(w.message)]
+    print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
+def test_no_thread_and_no_fork_warning_with_1000_children(backend: str, tmp_path: Any) -> None:
+    """The default (pidfd) path creates no thread, so os.fork() never warns.
+
+    Runs in a fresh interpreter, with its own loop: anyio's pytest plugin runs
+    trio in guest mode, whose I/O thread would make the count meaningless, and
+    earlier tests leave cached worker threads (trio's, anyio's) behind.
+    """
+    script = tmp_path / "no_thread.py"
+    script.write_text(NO_THREAD_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), backend],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["codes_all_zero"]
+    assert report["watchers"] == ["pidfd"]
+    assert report["threads_before"] == 1
+    assert report["threads_while_joining"] == 1
+    assert report["threads_after"] == 1
+    assert report["fork_warnings"] == []
 
 
 async def test_no_fd_leaked_across_200_processes(watcher: str) -> None:
@@ -103,9 +118,10 @@ async def test_no_fd_leaked_across_200_processes(watcher: str) -> None:
             for p in batch[1::2]:
                 assert await p.join() == 0  # released by the garbage collector
         del batch, p
-    # A loop may hold a finished join's frame a moment longer (trio keeps a
-    # sleep's stale deadline until it would have expired): let that pass.
-    await anyio.sleep(0.1)
+    # The loop may hold the last resumed task's outcome (trio keeps the
+    # Cancelled of a finished sleep, whose traceback holds a join's frames and
+    # so a process) until it runs another step.
+    await anyio.lowlevel.checkpoint()
     gc.collect()
     assert open_fds() - before == set()
 

@@ -64,7 +64,7 @@ def _readable_now(fd: int) -> bool:
 
 class PidfdWatch(Watch):
     name = "pidfd"
-    fd = -1
+    fd = -1  # until pidfd_open succeeds: __del__ runs even when __init__ raised
     #: The child was gone before its pidfd could be opened (forkserver only).
     gone = False
 

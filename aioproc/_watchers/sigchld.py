@@ -107,7 +107,7 @@ def _uninstall() -> None:
     if _our_wakeup_fd >= 0:
         current = signal.set_wakeup_fd(-1)
         if current not in (-1, _our_wakeup_fd):
-            signal.set_wakeup_fd(current)  # someone else's since: keep it
+            _restore_wakeup_fd(current)  # someone else's since: keep it
         _our_wakeup_fd = -1
 
 
@@ -151,7 +151,14 @@ def _wake_ups_to(hub: _Hub) -> None:
     if previous == -1:
         _our_wakeup_fd = hub.wfd
     else:
-        signal.set_wakeup_fd(previous)
+        _restore_wakeup_fd(previous)
+
+
+def _restore_wakeup_fd(fd: int) -> None:
+    # Python cannot tell whether the owner asked for warnings on a full buffer;
+    # trio does not (its wake-up socket holds one byte, which a burst of SIGCHLD
+    # overflows at once), and a missed byte only means a loop was awake anyway.
+    signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
 
 
 def _after_fork_in_child() -> None:
@@ -240,6 +247,6 @@ class SigchldWatch(Watch):
             if not hub.watches:
                 _drop_hub(hub)
             elif hub.leader is None:
-                # This task may have been handed the lead just as its own child
-                # exited: pass it on, or the others wait for a leader forever.
+                # The lead may have been handed to this task just as its child
+                # exited (or it was cancelled): pass it on, or nobody reads the pipe.
                 hub.hand_over()

@@ -33,13 +33,22 @@ class ThreadWatch(Watch):
 
     async def wait_exited(self) -> None:
         if self._thread is None:
-            self._rfd, self._wfd = os.pipe()
-            self._thread = threading.Thread(
+            if self._rfd < 0:
+                self._rfd, self._wfd = os.pipe()
+            thread = threading.Thread(
                 target=self._wait_blocking,
                 name=f"aioproc-wait-{self.popen.pid}",
                 daemon=True,
             )
-            self._thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # RLIMIT_NPROC, or no memory for a stack
+                raise RuntimeError(
+                    f"join() could not start the thread watcher's thread ({exc}); the "
+                    "child is unaffected and can be joined again; raise RLIMIT_NPROC, "
+                    "wait for threads or processes to exit, or use another watcher"
+                ) from exc
+            self._thread = thread
         await anyio.wait_readable(self._rfd)
 
     def _wait_blocking(self) -> None:
