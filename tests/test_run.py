@@ -830,7 +830,7 @@ def _keyword_argument() -> Any:
             "timeout must be >= 0",
             id="negative-timeout",
         ),
-        pytest.param(_str_timeout, TypeError, "timeout must be a number", id="str-timeout"),
+        pytest.param(_str_timeout, TypeError, "timeout must be a real number", id="str-timeout"),
         pytest.param(
             lambda: aioproc.run(targets.noop, grace=-1),
             ValueError,
