@@ -1,17 +1,43 @@
-"""aioproc: start real OS processes and await them without blocking the event loop."""
+"""aioproc: start real OS processes and await them without blocking the event loop.
 
-from ._exceptions import ExitStatusLost as ExitStatusLost
-from ._exceptions import ProcessDied as ProcessDied
-from ._exceptions import ProcessError as ProcessError
-from ._exceptions import ProcessTimeout as ProcessTimeout
-from ._exceptions import RemoteError as RemoteError
-from ._exceptions import RemoteTraceback as RemoteTraceback
-from ._exceptions import UnkillableProcessWarning as UnkillableProcessWarning
-from ._exceptions import WatcherUnavailable as WatcherUnavailable
-from ._process import AsyncProcess as AsyncProcess
-from ._run import run as run
-from ._watchers import get_watcher as get_watcher
-from ._watchers import set_watcher as set_watcher
+The public names are loaded on first use: a spawn or forkserver child unpickles
+its ``AsyncProcess`` by importing ``aioproc._process``, which runs this file
+first, and should not pay for the event-loop machinery it never uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._exceptions import ExitStatusLost as ExitStatusLost
+    from ._exceptions import ProcessDied as ProcessDied
+    from ._exceptions import ProcessError as ProcessError
+    from ._exceptions import ProcessTimeout as ProcessTimeout
+    from ._exceptions import RemoteError as RemoteError
+    from ._exceptions import RemoteTraceback as RemoteTraceback
+    from ._exceptions import UnkillableProcessWarning as UnkillableProcessWarning
+    from ._exceptions import WatcherUnavailable as WatcherUnavailable
+    from ._process import AsyncProcess as AsyncProcess
+    from ._run import run as run
+    from ._watchers import get_watcher as get_watcher
+    from ._watchers import set_watcher as set_watcher
+
+_WHERE = {
+    "AsyncProcess": "._process",
+    "ExitStatusLost": "._exceptions",
+    "ProcessDied": "._exceptions",
+    "ProcessError": "._exceptions",
+    "ProcessTimeout": "._exceptions",
+    "RemoteError": "._exceptions",
+    "RemoteTraceback": "._exceptions",
+    "UnkillableProcessWarning": "._exceptions",
+    "WatcherUnavailable": "._exceptions",
+    "get_watcher": "._watchers",
+    "run": "._run",
+    "set_watcher": "._watchers",
+}
 
 __all__ = [
     "AsyncProcess",
@@ -27,3 +53,19 @@ __all__ = [
     "run",
     "set_watcher",
 ]
+
+
+if not TYPE_CHECKING:  # type checkers see the imports above, and typos stay errors
+
+    def __getattr__(name: str) -> Any:
+        try:
+            module = _WHERE[name]
+        except KeyError:
+            raise AttributeError(f"module 'aioproc' has no attribute {name!r}") from None
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

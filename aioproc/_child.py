@@ -25,7 +25,7 @@ import anyio
 from anyio.lowlevel import EventLoopToken, current_token
 
 from ._exceptions import ExitStatusLost
-from ._watchers import Place, Watch, usable_at_join
+from ._watchers import Watch, usable_at_join
 
 if TYPE_CHECKING:
     from multiprocessing.popen_fork import Popen
@@ -83,15 +83,15 @@ class ChildState:
                     "join a process from one event loop at a time"
                 )
             self._token = token
-            self._lock = anyio.Lock()
+            # No yield when nobody else holds it: the wait itself is the checkpoint.
+            self._lock = anyio.Lock(fast_acquire=True)
         return self._lock
 
     async def _wait_locked(self) -> int:
         watch = self.watch
         if watch is None:  # pragma: no cover - released only once collected
             raise RuntimeError("internal error: no watch for a running child")
-        method = self.popen.method
-        watch = self.watch = usable_at_join(watch, Place.here(method))
+        watch = self.watch = usable_at_join(watch)
         self.watcher_name = watch.name
         self._waiting = True
         try:

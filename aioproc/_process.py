@@ -15,17 +15,18 @@ import signal
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from ._child import ChildState
 from ._childstate import reset_loop_state
 from ._popen import launch
-from ._watchers import Place, attach, choose
 
 if TYPE_CHECKING:
     from multiprocessing.popen_fork import Popen
 
+    from ._child import ChildState
     from ._watchers import WatcherName
+
+# The event-loop side (anyio, the watchers) is imported on first use by the
+# parent, so that a spawn or forkserver child, which imports this module to
+# unpickle its process object, does not pay for it.
 
 # A timeout this long is "forever"; a larger one would overflow some loops' timers.
 _FOREVER = 1e9
@@ -169,6 +170,9 @@ class AsyncProcess(mp_process.BaseProcess):
                 "a daemonic process is not allowed to have children; "
                 "create the parent with daemon=False to start children from it"
             )
+        from ._child import ChildState
+        from ._watchers import Place, attach, choose
+
         ctx = self._ctx if self._ctx is not None else multiprocessing.get_context()
         watch_cls = choose(Place.here(ctx.get_start_method()))
         _ensure_exit_handler()
@@ -194,7 +198,7 @@ class AsyncProcess(mp_process.BaseProcess):
 
     async def join(  # type: ignore[override]
         self,
-        timeout: float | None = None,  # noqa: ASYNC109 - the multiprocessing API
+        timeout: float | None = None,
     ) -> int | None:
         """Wait until the child exits; return its exit code.
 
@@ -203,6 +207,8 @@ class AsyncProcess(mp_process.BaseProcess):
         wake when the child exits.  Cancelling a join cancels only the wait:
         the child keeps running and can be joined again.
         """
+        import anyio.lowlevel
+
         timeout = _check_timeout(timeout)
         state = self._started_child("join")
         if timeout is None:

@@ -230,3 +230,27 @@ def test_children_helper_sees_real_children() -> None:
     assert pid in children_of_this_process()
     os.waitpid(pid, 0)
     assert pid not in children_of_this_process()
+
+
+def test_public_names_are_exported_once() -> None:
+    import aioproc
+
+    assert len(aioproc.__all__) == len(set(aioproc.__all__))
+    for name in aioproc.__all__:
+        assert getattr(aioproc, name).__name__ == name
+    assert set(dir(aioproc)) >= set(aioproc.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = aioproc.nope  # type: ignore[attr-defined]
+
+
+def test_a_child_unpickling_its_process_does_not_import_the_loop_machinery() -> None:
+    """spawn/forkserver children import aioproc._process; anyio stays out."""
+    script = (
+        "import sys, aioproc._process\n"
+        "heavy = [m for m in ('anyio', 'asyncio', 'trio', 'aioproc._run', 'aioproc._watchers')"
+        " if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

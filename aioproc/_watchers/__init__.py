@@ -122,14 +122,17 @@ def attach(cls: type[Watch], popen: Popen) -> Watch:
         return choose(place)(popen)
 
 
-def usable_at_join(watch: Watch, place: Place) -> Watch:
-    """The watch to wait with when joining at *place*.
+def usable_at_join(watch: Watch) -> Watch:
+    """The watch to wait with when joining here (this thread, this loop).
 
     A sigchld watch chosen at ``start()`` outside any loop may be joined under
     uvloop or from another thread: automatic choice then moves to a thread
-    watch; a forced sigchld raises ``WatcherUnavailable``.
+    watch; a forced sigchld raises ``WatcherUnavailable``.  The other watchers
+    work wherever they were chosen.
     """
-    reason = type(watch).unavailable(place)
+    if not isinstance(watch, SigchldWatch):
+        return watch
+    reason = SigchldWatch.unavailable(Place.here(watch.popen.method))
     if reason is None:
         return watch
     if get_watcher() is not None:
