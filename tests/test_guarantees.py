@@ -140,7 +140,9 @@ async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> Non
             await siblings[0].join()
         held = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _descriptors_of(siblings)}
         parent_end, child_end = multiprocessing.Pipe(duplex=False)
-        child = AsyncProcess(target=targets.send_open_descriptors, args=(child_end,), context="fork")
+        child = AsyncProcess(
+            target=targets.send_open_descriptors, args=(child_end,), context="fork"
+        )
         child.start()
         child_end.close()
         with anyio.fail_after(DEADLINE):
@@ -163,7 +165,8 @@ def _descriptors_of(processes: list[AsyncProcess]) -> set[int]:
     fds: set[int] = set()
     for p in processes:
         state = p._state
-        assert state is not None and state.popen.finalizer is not None
+        assert state is not None
+        assert state.popen.finalizer is not None
         fds.add(state.popen.sentinel)
         fds.update(state.popen.finalizer._args)  # type: ignore[attr-defined]
         wake_fd = state.watch.wake_fd() if state.watch is not None else None
