@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import weakref
 from typing import TYPE_CHECKING
 
 import anyio
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 class ChildState:
     def __init__(self, popen: Popen, watch: Watch) -> None:
+        _open_states.add(self)
         self.popen = popen
         self.watch: Watch | None = watch
         self.watcher_name = watch.name
@@ -168,8 +170,44 @@ class ChildState:
                     ) from None
         self._release_watch()
         self.popen.close()
+        _open_states.discard(self)
+
+    def forget(self) -> None:
+        """In a child forked from the parent: close the descriptors held for this sibling.
+
+        A forked child inherits every descriptor the parent holds for its live
+        children (the pidfd, the stdlib's pipe ends), and the kernel must close
+        them all when it exits, which delays its exit by as much as the parent
+        has children.  The parent's own finalizers are inert in the child, so
+        they are closed here; signals to the sibling then go by pid, as the
+        stdlib's do.
+        """
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.forget()
+        finalizer = self.popen.finalizer
+        fds = set(finalizer._args or ()) if finalizer is not None else set()  # type: ignore[attr-defined]
+        fds.add(self.popen.sentinel)
+        for fd in fds:
+            if isinstance(fd, int) and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.popen.finalizer = None
 
     def _release_watch(self) -> None:
         watch, self.watch = self.watch, None
         if watch is not None:
             watch.close()
+
+
+#: The children whose descriptors this process holds, for ``forget_all``.
+_open_states: weakref.WeakSet[ChildState] = weakref.WeakSet()
+
+
+def forget_all() -> None:
+    """In a forked child: close what the parent held for its children (see ``forget``)."""
+    for state in list(_open_states):
+        state.forget()
+    _open_states.clear()
