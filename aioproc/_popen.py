@@ -39,6 +39,8 @@ import time
 from multiprocessing import forkserver, popen_fork, popen_forkserver, popen_spawn_posix, util
 from typing import TYPE_CHECKING, Any
 
+from ._usage import ResourceUsage
+
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
     from multiprocessing.process import BaseProcess
@@ -47,8 +49,33 @@ if TYPE_CHECKING:
 _ATEXIT_IN_FORK_CHILD = sys.version_info >= (3, 13)
 
 
+def _reap(popen: ForkPopen | SpawnPopen, flag: int) -> int | None:
+    """``Popen.poll()``, collecting the child's resource usage with its status.
+
+    The stdlib reaps with ``waitpid``, which drops the kernel's accounting;
+    ``wait4`` is the same call with it.  Every reaping of a fork or spawn
+    child goes through here (``poll()``, ``wait()``, ``is_alive()``,
+    ``exitcode``, ``join()`` whatever the watcher, interpreter exit).
+    """
+    if popen.returncode is None:
+        try:
+            pid, status, usage = os.wait4(popen.pid, flag)
+        except OSError:
+            return None  # as the stdlib: not our child (yet)
+        if pid == popen.pid:
+            popen.resource_usage = ResourceUsage.from_rusage(usage)
+            popen.returncode = os.waitstatus_to_exitcode(status)
+    return popen.returncode
+
+
 class ForkPopen(popen_fork.Popen):
     """The fork method's Popen, closing its pipes when the fork fails."""
+
+    #: Set when the child is reaped (see ``_reap``).
+    resource_usage: ResourceUsage | None = None
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        return _reap(self, flag)
 
     def _launch(self, process_obj: BaseProcess) -> None:
         opened: list[int] = []
@@ -106,6 +133,12 @@ def _clean_up_failed_launch(popen: Any) -> None:
 class SpawnPopen(popen_spawn_posix.Popen):
     """The spawn method's Popen, closing its pipes at once when the start fails."""
 
+    #: Set when the child is reaped (see ``_reap``).
+    resource_usage: ResourceUsage | None = None
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        return _reap(self, flag)
+
     def _launch(self, process_obj: BaseProcess) -> None:
         try:
             super()._launch(process_obj)  # type: ignore[misc]
@@ -116,6 +149,10 @@ class SpawnPopen(popen_spawn_posix.Popen):
 
 class ForkServerPopen(popen_forkserver.Popen):
     """The forkserver method's Popen, closing its pipes at once when the start fails."""
+
+    #: Always None: the fork server reaps the child, and the kernel's
+    #: accounting goes to it; only the exit code is passed on to us.
+    resource_usage: ResourceUsage | None = None
 
     def _launch(self, process_obj: BaseProcess) -> None:
         try:

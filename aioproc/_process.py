@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from multiprocessing.popen_fork import Popen
 
     from ._child import ChildState
+    from ._usage import ResourceUsage
     from ._watchers import WatcherName
 
 # The event-loop side (anyio, the watchers) is imported on first use by the
@@ -291,6 +292,21 @@ class AsyncProcess(mp_process.BaseProcess):
         """The exit code: None while running, negative signal number if killed."""
         self._check_closed()
         return None if self._state is None else self._state.poll()
+
+    @property
+    def resource_usage(self) -> ResourceUsage | None:
+        """The child's CPU time and peak memory, from the kernel when it was reaped.
+
+        None until the child has exited and been collected (by ``join()``,
+        ``is_alive()``, ``exitcode``...), and None for good where the kernel's
+        accounting does not reach us: a forkserver child (the fork server reaps
+        it), a start method of someone else's making.  See ``ResourceUsage``.
+        """
+        self._check_closed()
+        state = self._state
+        if state is None or state.poll() is None:
+            return None
+        return state.resource_usage
 
     @property
     def daemon(self) -> bool:

@@ -375,3 +375,11 @@ def ready_then_crash(conn: Connection, how: str) -> None:
         faulthandler.disable()
         os.abort()
     os._exit(99)
+
+
+def allocate_and_burn(mib: int, cpu_seconds: float) -> None:
+    """Make *mib* MiB resident, then spin until *cpu_seconds* of user CPU are spent."""
+    block = b"\x01" * (mib << 20)  # written, hence resident
+    while os.times().user < cpu_seconds:
+        pass
+    del block
