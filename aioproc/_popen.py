@@ -117,7 +117,7 @@ def _run_forked_child(process_obj: BaseProcess, unused: tuple[int, int], sentine
         os._exit(code)
 
 
-def _clean_up_failed_launch(popen: Any) -> None:
+def clean_up_failed_launch(popen: Any) -> None:
     """Close what a failed stdlib launch opened, and reap a child it created."""
     if popen.finalizer is not None:
         popen.finalizer()
@@ -143,7 +143,7 @@ class SpawnPopen(popen_spawn_posix.Popen):
         try:
             super()._launch(process_obj)  # type: ignore[misc]
         except BaseException:
-            _clean_up_failed_launch(self)
+            clean_up_failed_launch(self)
             raise
 
 
@@ -158,7 +158,7 @@ class ForkServerPopen(popen_forkserver.Popen):
         try:
             super()._launch(process_obj)  # type: ignore[misc]
         except BaseException:
-            _clean_up_failed_launch(self)
+            clean_up_failed_launch(self)
             raise
 
 
@@ -210,11 +210,15 @@ def _launch_through_fork_server(
         return cls(process_obj)
     except EOFError as exc:
         _wait_until_fork_server_exited()
-        raise RuntimeError(
-            "the fork server closed the connection before reporting the new child "
-            "(it died, or could not fork: see its error output); nothing was started, "
-            "and start() may be called again, which starts a new fork server"
-        ) from exc
+        raise fork_server_died() from exc
+
+
+def fork_server_died() -> RuntimeError:
+    return RuntimeError(
+        "the fork server closed the connection before reporting the new child "
+        "(it died, or could not fork: see its error output); nothing was started, "
+        "and start() may be called again, which starts a new fork server"
+    )
 
 
 def _wait_until_fork_server_exited(timeout: float = 5.0) -> None:
@@ -225,17 +229,20 @@ def _wait_until_fork_server_exited(timeout: float = 5.0) -> None:
     is a zombie: without this wait, a ``start()`` right after could still find
     the dying one.
     """
+    deadline = time.monotonic() + timeout
+    while not fork_server_exited() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def fork_server_exited() -> bool:
+    """Whether the fork server we know of (if any) has exited; it is not reaped."""
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
     if not pid:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return
-        except ChildProcessError:
-            return
-        time.sleep(0.001)
+        return True
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 _WHAT_RAN_OUT = {

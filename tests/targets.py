@@ -383,3 +383,8 @@ def allocate_and_burn(mib: int, cpu_seconds: float) -> None:
     while os.times().user < cpu_seconds:
         pass
     del block
+
+
+def exit_with_length(data: bytes) -> None:
+    """Exit with the payload's length in MiB: proof that all of it arrived."""
+    sys.exit(len(data) >> 20)
