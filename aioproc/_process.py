@@ -187,12 +187,13 @@ class AsyncProcess(mp_process.BaseProcess):
         ctx, watch_cls = self._check_startable()
         self._starting = True
         try:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            # The checkpoint comes first: after a fork, every page the parent
+            # touches is copied, so it yields before the fork, not after.
+            await anyio.lowlevel.checkpoint()
             popen = await launch_async(self, ctx)
         finally:
             self._starting = False
         self._started(popen, watch_cls)
-        await anyio.lowlevel.cancel_shielded_checkpoint()
 
     def _check_startable(self) -> tuple[multiprocessing.context.BaseContext, type[Watch]]:
         """Refuse a start that is misuse; the context and watcher class to start with."""
