@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ import pytest
 from aioproc import AsyncProcess
 
 from . import targets
-from .helpers import children_of_this_process, fork_server_fd, open_fds
+from .helpers import children_of_this_process, fork_server_fd, only_free_fds, open_fds
 
 pytestmark = pytest.mark.anyio
 
@@ -198,3 +199,42 @@ async def test_a_start_in_progress_refuses_another() -> None:
     assert "start_async() of" in messages[0]
     assert "in progress in another task" in messages[1]
     assert "cannot close a process that start_async() is starting" in messages[2]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("context", "frees"),
+    # forkserver with 3 or 4 free: the stdlib's client loses a pipe (test_faults.py).
+    [("spawn", range(7)), ("forkserver", (0, 1, 2, 5))],
+)
+async def test_descriptors_running_out(context: str, frees: range) -> None:
+    """As start(): a clear EMFILE, nothing leaked, and the same object starts later."""
+    if context == "forkserver":
+        await warm_fork_server()
+    warm = AsyncProcess(target=targets.noop, context=context)
+    await warm.start_async()  # the resource tracker, while descriptors are plenty
+    with anyio.fail_after(DEADLINE):
+        await warm.join()
+    warm.close()
+    fds = open_fds() - fork_server_fd()
+    outcomes = []
+    for free in frees:
+        p = AsyncProcess(target=targets.noop, context=context)
+        error: OSError | None = None
+        with only_free_fds(free), anyio.fail_after(DEADLINE):
+            try:
+                await p.start_async()
+            except OSError as exc:
+                error = exc
+        if error is not None:
+            assert error.errno == errno.EMFILE
+            assert "too many open files (EMFILE)" in str(error)
+            assert p.pid is None
+            await p.start_async()
+        outcomes.append(error is None)
+        with anyio.fail_after(DEADLINE):
+            assert await p.join() == 0
+        p.close()
+        assert open_fds() - fork_server_fd() == fds, f"descriptors leaked with {free} free"
+    assert outcomes[0] is False
+    assert outcomes[-1] is True
