@@ -369,7 +369,7 @@ class AsyncProcess(mp_process.BaseProcess):
     @daemon.setter
     def daemon(self, daemonic: bool) -> None:
         self._check_closed()
-        if self._popen is not None:
+        if self._popen is not None or self._starting:
             raise RuntimeError(
                 "cannot set daemon on a process that has been started; set it before start()"
             )

@@ -51,6 +51,7 @@ from ._popen import (
     launch,
     start_error,
 )
+from ._watchers.pidfd import _readable_now
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -218,9 +219,11 @@ async def _fork_server_once(process_obj: BaseProcess) -> popen_fork.Popen:
         await anyio.wait_readable(popen.sentinel)
         popen.pid = forkserver.read_signed(popen.sentinel)
         await _write_all(popen.data_fd, popen.data)
-    except BaseException:
+    except BaseException as exc:
+        # EPIPE: the child closed its end, so it is gone (its pid may be free).
+        kill = not isinstance(exc, BrokenPipeError)
         with anyio.CancelScope(shield=True):
-            await _kill_unborn_fork_server_child(popen)
+            await _kill_unborn_fork_server_child(popen, kill=kill)
         popen.close_data_fd()
         clean_up_failed_launch(popen)
         raise
@@ -231,20 +234,22 @@ async def _fork_server_once(process_obj: BaseProcess) -> popen_fork.Popen:
     return popen
 
 
-async def _kill_unborn_fork_server_child(popen: _ForkServerWithoutData) -> None:
+async def _kill_unborn_fork_server_child(popen: _ForkServerWithoutData, *, kill: bool) -> None:
     """Kill the child of a start that failed before its data was all sent.
 
     The child reads its data before anything else and cannot finish while we
-    hold the pipe open, so it cannot have exited on its own: its pid is still
-    its own.  Once it is killed, the fork server reaps it and writes its exit
-    code on the sentinel, which is awaited so that the child is gone on return.
+    hold the pipe open, so unless something else killed it, it is alive and
+    its pid its own: the fork server has not reported its exit on the
+    sentinel.  Once it is killed, the server reaps it and writes its exit
+    code there, which is awaited so that the child is gone on return.
     """
     with anyio.move_on_after(_CLEANUP_WAIT):
         try:
             if getattr(popen, "pid", None) is None:
                 await anyio.wait_readable(popen.sentinel)
                 popen.pid = forkserver.read_signed(popen.sentinel)
-            os.kill(popen.pid, signal.SIGKILL)
+            if kill and not _readable_now(popen.sentinel):
+                os.kill(popen.pid, signal.SIGKILL)
             await anyio.wait_readable(popen.sentinel)
         except (OSError, EOFError):
             pass  # the server died: it took its children with it, or never forked

@@ -178,7 +178,11 @@ async def test_a_start_in_progress_refuses_another() -> None:
 
     async def meddle(started: anyio.Event) -> None:
         await started.wait()
-        for attempt in (p.start_async, p.start, p.close):
+
+        def set_daemon() -> None:
+            p.daemon = True
+
+        for attempt in (p.start_async, p.start, p.close, set_daemon):
             try:
                 result = attempt()
                 if result is not None:
@@ -195,10 +199,11 @@ async def test_a_start_in_progress_refuses_another() -> None:
         assert await p.join() == PAYLOAD >> 20
     p.close()
     messages = [str(exc) for exc in refused]
-    assert len(messages) == 3, messages
+    assert len(messages) == 4, messages
     assert "start_async() of" in messages[0]
     assert "in progress in another task" in messages[1]
     assert "cannot close a process that start_async() is starting" in messages[2]
+    assert "cannot set daemon on a process that has been started" in messages[3]
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
