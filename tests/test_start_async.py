@@ -127,6 +127,9 @@ async def test_cancelled_start_leaves_nothing(
             waits = cancel_at_wait(patch, scope, nth)
             await p.start_async()
         assert scope.cancelled_caught, f"start_async() finished after waits {waits}"
+    # forkserver awaits the server's reply (the pid) first; spawn only ever the pipe.
+    first = "wait_readable" if context == "forkserver" else "wait_writable"
+    assert waits[0] == first, waits
     assert p.pid is None
     assert children_of_this_process() == children
     assert fork_server_children() == server_children
