@@ -76,6 +76,13 @@ def _pickled(popen: SpawnPopen | ForkServerPopen, process_obj: BaseProcess) -> m
     return buf.getbuffer()
 
 
+def _drop_data(popen: _SpawnWithoutData | _ForkServerWithoutData) -> None:
+    """Let go of the pickled data (a view of a BytesIO, which must not outlive it)."""
+    data = popen.__dict__.pop("data", None)
+    if data is not None:
+        data.release()
+
+
 class _SpawnWithoutData(SpawnPopen):
     """The spawn Popen's ``_launch`` up to the child's existence; the data is left to send."""
 
@@ -112,6 +119,7 @@ class _SpawnWithoutData(SpawnPopen):
                         os.close(fd)
         except BaseException:
             clean_up_failed_launch(self)
+            _drop_data(self)
             raise
 
 
@@ -141,6 +149,7 @@ class _ForkServerWithoutData(ForkServerPopen):
             )
         except BaseException:
             clean_up_failed_launch(self)
+            _drop_data(self)
             raise
 
     def close_data_fd(self) -> None:
@@ -188,8 +197,7 @@ async def _spawn(process_obj: BaseProcess) -> popen_fork.Popen:
         clean_up_failed_launch(popen)  # kills and reaps the child
         raise
     finally:
-        popen.data.release()
-        del popen.data
+        _drop_data(popen)
     return popen
 
 
@@ -228,8 +236,7 @@ async def _fork_server_once(process_obj: BaseProcess) -> popen_fork.Popen:
         clean_up_failed_launch(popen)
         raise
     finally:
-        popen.data.release()
-        del popen.data
+        _drop_data(popen)
     popen.close_data_fd()
     return popen
 
