@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ._exceptions import WatcherUnavailable as WatcherUnavailable
     from ._process import AsyncProcess as AsyncProcess
     from ._run import run as run
+    from ._usage import ResourceUsage as ResourceUsage
     from ._watchers import get_watcher as get_watcher
     from ._watchers import set_watcher as set_watcher
 
@@ -32,6 +33,7 @@ _WHERE = {
     "ProcessTimeout": "._exceptions",
     "RemoteError": "._exceptions",
     "RemoteTraceback": "._exceptions",
+    "ResourceUsage": "._usage",
     "UnkillableProcessWarning": "._exceptions",
     "WatcherUnavailable": "._exceptions",
     "get_watcher": "._watchers",
@@ -47,6 +49,7 @@ __all__ = [
     "ProcessTimeout",
     "RemoteError",
     "RemoteTraceback",
+    "ResourceUsage",
     "UnkillableProcessWarning",
     "WatcherUnavailable",
     "get_watcher",

@@ -31,6 +31,8 @@ from ._watchers import Watch, usable_at_join
 if TYPE_CHECKING:
     from multiprocessing.popen_fork import Popen
 
+    from ._usage import ResourceUsage
+
 
 class ChildState:
     def __init__(self, popen: Popen, watch: Watch) -> None:
@@ -50,6 +52,16 @@ class ChildState:
     @property
     def returncode(self) -> int | None:
         return self.popen.returncode
+
+    @property
+    def resource_usage(self) -> ResourceUsage | None:
+        """What the kernel accounted to the child, once reaped; None where unknown.
+
+        Only our own Popen classes read it (fork and spawn); a forkserver child
+        is reaped by the fork server, a foreign start method's Popen by itself.
+        """
+        usage: ResourceUsage | None = getattr(self.popen, "resource_usage", None)
+        return usage
 
     def poll(self) -> int | None:
         """The exit code if the child has exited (collecting it), else None."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._usage import ResourceUsage
 
 
 class WatcherUnavailable(RuntimeError):
@@ -39,22 +42,40 @@ class ProcessError(Exception):
 
     ``pid`` is the child's process id; ``exitcode`` is what ``join()`` returned
     (negative: the number of the signal that killed it), or None when the child
-    could not be reaped (see ``UnkillableProcessWarning``).
+    could not be reaped (see ``UnkillableProcessWarning``).  ``resource_usage``
+    is the child's CPU time and peak memory (a ``ResourceUsage``), or None
+    where the kernel's accounting did not reach the parent (a forkserver child,
+    or one that could not be reaped).
     """
 
-    def __init__(self, message: str, *, pid: int, exitcode: int | None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: int,
+        exitcode: int | None,
+        resource_usage: ResourceUsage | None = None,
+    ) -> None:
         super().__init__(message)
         self.pid = pid
         self.exitcode = exitcode
+        self.resource_usage = resource_usage
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_process_error, (type(self), str(self), self.pid, self.exitcode))
+        return (
+            _rebuild_process_error,
+            (type(self), str(self), self.pid, self.exitcode, self.resource_usage),
+        )
 
 
 def _rebuild_process_error(
-    cls: type[ProcessError], message: str, pid: int, exitcode: int | None
+    cls: type[ProcessError],
+    message: str,
+    pid: int,
+    exitcode: int | None,
+    resource_usage: ResourceUsage | None = None,
 ) -> ProcessError:
-    return cls(message, pid=pid, exitcode=exitcode)
+    return cls(message, pid=pid, exitcode=exitcode, resource_usage=resource_usage)
 
 
 class ProcessDied(ProcessError):
@@ -100,12 +121,19 @@ class RemoteTraceback(Exception):
     """The ``__cause__`` of an exception re-raised by ``aioproc.run``: the child's traceback.
 
     Never raised on its own; it exists so that a printed traceback shows where
-    in the child the exception came from.  ``traceback_text`` holds the text.
+    in the child the exception came from.  ``traceback_text`` holds the text;
+    ``resource_usage`` what the child cost (a ``ResourceUsage``, None for a
+    forkserver child).  The exception itself is the function's own and is
+    left as it was raised: ``exc.__cause__.resource_usage`` is where to look.
     """
 
-    def __init__(self, traceback_text: str) -> None:
+    def __init__(self, traceback_text: str, resource_usage: ResourceUsage | None = None) -> None:
         super().__init__(traceback_text)
         self.traceback_text = traceback_text
+        self.resource_usage = resource_usage
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.traceback_text, self.resource_usage))
 
     def __str__(self) -> str:
         return f'\n"""\n{self.traceback_text.rstrip()}\n"""'

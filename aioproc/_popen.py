@@ -39,6 +39,8 @@ import time
 from multiprocessing import forkserver, popen_fork, popen_forkserver, popen_spawn_posix, util
 from typing import TYPE_CHECKING, Any
 
+from ._usage import ResourceUsage
+
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
     from multiprocessing.process import BaseProcess
@@ -47,8 +49,33 @@ if TYPE_CHECKING:
 _ATEXIT_IN_FORK_CHILD = sys.version_info >= (3, 13)
 
 
+def _reap(popen: ForkPopen | SpawnPopen, flag: int) -> int | None:
+    """``Popen.poll()``, collecting the child's resource usage with its status.
+
+    The stdlib reaps with ``waitpid``, which drops the kernel's accounting;
+    ``wait4`` is the same call with it.  Every reaping of a fork or spawn
+    child goes through here (``poll()``, ``wait()``, ``is_alive()``,
+    ``exitcode``, ``join()`` whatever the watcher, interpreter exit).
+    """
+    if popen.returncode is None:
+        try:
+            pid, status, usage = os.wait4(popen.pid, flag)
+        except OSError:
+            return None  # as the stdlib: not our child (yet)
+        if pid == popen.pid:
+            popen.resource_usage = ResourceUsage.from_rusage(usage)
+            popen.returncode = os.waitstatus_to_exitcode(status)
+    return popen.returncode
+
+
 class ForkPopen(popen_fork.Popen):
     """The fork method's Popen, closing its pipes when the fork fails."""
+
+    #: Set when the child is reaped (see ``_reap``).
+    resource_usage: ResourceUsage | None = None
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        return _reap(self, flag)
 
     def _launch(self, process_obj: BaseProcess) -> None:
         opened: list[int] = []
@@ -90,7 +117,7 @@ def _run_forked_child(process_obj: BaseProcess, unused: tuple[int, int], sentine
         os._exit(code)
 
 
-def _clean_up_failed_launch(popen: Any) -> None:
+def clean_up_failed_launch(popen: Any) -> None:
     """Close what a failed stdlib launch opened, and reap a child it created."""
     if popen.finalizer is not None:
         popen.finalizer()
@@ -106,22 +133,32 @@ def _clean_up_failed_launch(popen: Any) -> None:
 class SpawnPopen(popen_spawn_posix.Popen):
     """The spawn method's Popen, closing its pipes at once when the start fails."""
 
+    #: Set when the child is reaped (see ``_reap``).
+    resource_usage: ResourceUsage | None = None
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        return _reap(self, flag)
+
     def _launch(self, process_obj: BaseProcess) -> None:
         try:
             super()._launch(process_obj)  # type: ignore[misc]
         except BaseException:
-            _clean_up_failed_launch(self)
+            clean_up_failed_launch(self)
             raise
 
 
 class ForkServerPopen(popen_forkserver.Popen):
     """The forkserver method's Popen, closing its pipes at once when the start fails."""
 
+    #: Always None: the fork server reaps the child, and the kernel's
+    #: accounting goes to it; only the exit code is passed on to us.
+    resource_usage: ResourceUsage | None = None
+
     def _launch(self, process_obj: BaseProcess) -> None:
         try:
             super()._launch(process_obj)  # type: ignore[misc]
         except BaseException:
-            _clean_up_failed_launch(self)
+            clean_up_failed_launch(self)
             raise
 
 
@@ -173,11 +210,15 @@ def _launch_through_fork_server(
         return cls(process_obj)
     except EOFError as exc:
         _wait_until_fork_server_exited()
-        raise RuntimeError(
-            "the fork server closed the connection before reporting the new child "
-            "(it died, or could not fork: see its error output); nothing was started, "
-            "and start() may be called again, which starts a new fork server"
-        ) from exc
+        raise fork_server_died() from exc
+
+
+def fork_server_died() -> RuntimeError:
+    return RuntimeError(
+        "the fork server closed the connection before reporting the new child "
+        "(it died, or could not fork: see its error output); nothing was started, "
+        "and start() may be called again, which starts a new fork server"
+    )
 
 
 def _wait_until_fork_server_exited(timeout: float = 5.0) -> None:
@@ -188,17 +229,20 @@ def _wait_until_fork_server_exited(timeout: float = 5.0) -> None:
     is a zombie: without this wait, a ``start()`` right after could still find
     the dying one.
     """
+    deadline = time.monotonic() + timeout
+    while not fork_server_exited() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def fork_server_exited() -> bool:
+    """Whether the fork server we know of (if any) has exited; it is not reaped."""
     pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
     if not pid:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return
-        except ChildProcessError:
-            return
-        time.sleep(0.001)
+        return True
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 _WHAT_RAN_OUT = {

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from multiprocessing.popen_fork import Popen
 
     from ._child import ChildState
-    from ._watchers import WatcherName
+    from ._usage import ResourceUsage
+    from ._watchers import Watch, WatcherName
 
 # The event-loop side (anyio, the watchers) is imported on first use by the
 # parent, so that a spawn or forkserver child, which imports this module to
@@ -101,6 +102,8 @@ class AsyncProcess(mp_process.BaseProcess):
     _start_method: str | None = None
     _ctx: multiprocessing.context.BaseContext | None = None
     _state: ChildState | None = None
+    #: True while start_async() is starting the child.
+    _starting = False
 
     if TYPE_CHECKING:  # BaseProcess's private attributes, which typeshed leaves out
         _popen: Popen | None
@@ -157,9 +160,50 @@ class AsyncProcess(mp_process.BaseProcess):
         A plain call that returns once the child exists: it blocks for as long
         as the start method needs (a fork, a spawn, or a round trip to the fork
         server), never longer.  Unlike the stdlib's, its cost does not grow
-        with the number of live children.
+        with the number of live children.  ``start_async()`` waits for the
+        child without blocking the event loop.
         """
+        ctx, watch_cls = self._check_startable()
+        self._started(launch(self, ctx), watch_cls)
+
+    async def start_async(self) -> None:
+        """Start the child like ``start()``, handing every wait to the event loop.
+
+        For spawn, the data the child needs is written as the pipe drains
+        (the child reads it once its interpreter is up); for forkserver, the
+        fork server's reply is awaited.  What remains in the loop's thread is
+        the start method's own system calls: ``fork()`` for fork (all of
+        that start), ``vfork()`` + ``exec()`` for spawn, a connect and a
+        ``sendmsg()`` to the fork server.  Misuse raises as ``start()`` does.
+
+        Cancelled, or failing, it leaves nothing behind: no child (one that
+        exists is killed and reaped), no descriptor; the process stays
+        unstarted and may be started again.  Once it returns, the child is
+        started, even if the task was cancelled meanwhile.
+        """
+        import anyio.lowlevel
+
+        from ._startasync import launch_async
+
+        ctx, watch_cls = self._check_startable()
+        self._starting = True
+        try:
+            # The checkpoint comes first: after a fork, every page the parent
+            # touches is copied, so it yields before the fork, not after.
+            await anyio.lowlevel.checkpoint()
+            popen = await launch_async(self, ctx)
+        finally:
+            self._starting = False
+        self._started(popen, watch_cls)
+
+    def _check_startable(self) -> tuple[multiprocessing.context.BaseContext, type[Watch]]:
+        """Refuse a start that is misuse; the context and watcher class to start with."""
         self._check_closed()
+        if self._starting:
+            raise RuntimeError(
+                f"start_async() of {self!r} is in progress in another task; "
+                "await that one instead of starting the process again"
+            )
         if self._popen is not None:
             raise RuntimeError(
                 f"cannot start a process twice ({self!r}); create a new AsyncProcess"
@@ -171,13 +215,18 @@ class AsyncProcess(mp_process.BaseProcess):
                 "a daemonic process is not allowed to have children; "
                 "create the parent with daemon=False to start children from it"
             )
-        from ._child import ChildState
-        from ._watchers import Place, attach, choose
+        from ._watchers import Place, choose
 
         ctx = self._ctx if self._ctx is not None else multiprocessing.get_context()
         watch_cls = choose(Place.here(ctx.get_start_method()))
         _ensure_exit_handler()
-        popen = launch(self, ctx)
+        return ctx, watch_cls
+
+    def _started(self, popen: Popen, watch_cls: type[Watch]) -> None:
+        """Watch the child that *popen* started, and record it as started."""
+        from ._child import ChildState
+        from ._watchers import attach
+
         try:
             watch = attach(watch_cls, popen)
         except BaseException as exc:
@@ -255,6 +304,11 @@ class AsyncProcess(mp_process.BaseProcess):
 
         Afterwards most methods and attributes raise ``ValueError``.
         """
+        if self._starting:
+            raise ValueError(
+                "cannot close a process that start_async() is starting; await it, "
+                "then join() the child before closing"
+            )
         state = self._state
         if state is not None:
             if state.poll() is None:
@@ -294,6 +348,21 @@ class AsyncProcess(mp_process.BaseProcess):
         return None if self._state is None else self._state.poll()
 
     @property
+    def resource_usage(self) -> ResourceUsage | None:
+        """The child's CPU time and peak memory, from the kernel when it was reaped.
+
+        None until the child has exited and been collected (by ``join()``,
+        ``is_alive()``, ``exitcode``...), and None for good where the kernel's
+        accounting does not reach us: a forkserver child (the fork server reaps
+        it), a start method of someone else's making.  See ``ResourceUsage``.
+        """
+        self._check_closed()
+        state = self._state
+        if state is None or state.poll() is None:
+            return None
+        return state.resource_usage
+
+    @property
     def daemon(self) -> bool:
         """Whether the child is terminated when the parent exits."""
         return bool(self._config.get("daemon", False))
@@ -301,7 +370,7 @@ class AsyncProcess(mp_process.BaseProcess):
     @daemon.setter
     def daemon(self, daemonic: bool) -> None:
         self._check_closed()
-        if self._popen is not None:
+        if self._popen is not None or self._starting:
             raise RuntimeError(
                 "cannot set daemon on a process that has been started; set it before start()"
             )
@@ -355,6 +424,7 @@ class AsyncProcess(mp_process.BaseProcess):
         state = self.__dict__.copy()
         state.pop("_ctx", None)
         state.pop("_state", None)
+        state.pop("_starting", None)
         return state
 
 

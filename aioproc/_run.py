@@ -69,6 +69,7 @@ from ._exceptions import (
 )
 from ._process import AsyncProcess, _check_timeout, _resolve_context
 from ._runchild import HEADER, Call, child_main, describe, type_name
+from ._usage import ResourceUsage
 
 if sys.version_info >= (3, 11):
     from typing import TypeVarTuple, Unpack
@@ -230,11 +231,14 @@ async def _join_and_drain(proc: AsyncProcess, inbox: _Inbox) -> int:
     return code
 
 
-async def _stop(proc: AsyncProcess, inbox: _Inbox, grace: float) -> tuple[int | None, str]:
+async def _stop(
+    proc: AsyncProcess, inbox: _Inbox, grace: float
+) -> tuple[int | None, str, ResourceUsage | None]:
     """Stop the child: SIGTERM, *grace*, SIGKILL, a bounded wait.  Shielded.
 
     Returns the exit code (None if the child survived SIGKILL: then it is
-    adopted for later reaping and warned about) and what was done to it.
+    adopted for later reaping and warned about), what was done to it, and
+    its resource usage (None where unknown).
     """
     inbox.conn.close()  # a child blocked writing its result gets EPIPE
     done = "it was found exited"
@@ -255,10 +259,11 @@ async def _stop(proc: AsyncProcess, inbox: _Inbox, grace: float) -> tuple[int | 
         _stop_now(proc)
         raise
     except ExitStatusLost:
-        return None, f"{done} and reaped by someone else"
+        return None, f"{done} and reaped by someone else", None
     if code is not None:
+        usage = proc.resource_usage
         proc.close()
-        return code, f"{done} and reaped (exit code {code})"
+        return code, f"{done} and reaped (exit code {code})", usage
     _adopt(proc)
     warnings.warn(
         f"process {proc.pid} is still alive {_KILL_WAIT:g} s after SIGKILL (stuck in "
@@ -267,7 +272,7 @@ async def _stop(proc: AsyncProcess, inbox: _Inbox, grace: float) -> tuple[int | 
         UnkillableProcessWarning,
         stacklevel=2,
     )
-    return None, f"{done} and is still alive (see the UnkillableProcessWarning)"
+    return None, f"{done} and is still alive (see the UnkillableProcessWarning)", None
 
 
 def _stop_now(proc: AsyncProcess) -> None:
@@ -292,6 +297,7 @@ def _result(func: Callable[..., T], proc: AsyncProcess, code: int, inbox: _Inbox
             ),
             pid=pid,
             exitcode=code,
+            resource_usage=proc.resource_usage,
         )
     meta, body = inbox.message()
     kind, name = meta[0], meta[1]
@@ -306,7 +312,9 @@ def _result(func: Callable[..., T], proc: AsyncProcess, code: int, inbox: _Inbox
             ) from exc
         return value
     if kind == "raised":
-        raise _rebuilt_exception(body, name, message=meta[2], text=meta[3])
+        raise _rebuilt_exception(
+            body, name, message=meta[2], text=meta[3], usage=proc.resource_usage
+        )
     error: pickle.PickleError
     if kind == "unpicklable":
         error = pickle.PicklingError(
@@ -321,18 +329,20 @@ def _result(func: Callable[..., T], proc: AsyncProcess, code: int, inbox: _Inbox
             "name, so define them in a module it can import (not in a script run "
             "with -c or an interactive session), or use context='fork'"
         )
-    error.__cause__ = RemoteTraceback(meta[3])
+    error.__cause__ = RemoteTraceback(meta[3], proc.resource_usage)
     raise error
 
 
-def _rebuilt_exception(body: memoryview, type_name: str, message: str, text: str) -> BaseException:
+def _rebuilt_exception(
+    body: memoryview, type_name: str, message: str, text: str, usage: ResourceUsage | None
+) -> BaseException:
     """The child's exception, or a RemoteError standing in for it; the traceback as cause."""
     rebuilt: object = None
     if body:
         with contextlib.suppress(Exception):
             rebuilt = pickle.loads(body)
     exc = rebuilt if isinstance(rebuilt, BaseException) else RemoteError(type_name, message, text)
-    exc.__cause__ = RemoteTraceback(text)
+    exc.__cause__ = RemoteTraceback(text, usage)
     return exc
 
 
@@ -393,11 +403,12 @@ async def run(
         await _stop(proc, inbox, grace)
         raise
     if deadline.cancelled_caught:
-        stopped_code, done = await _stop(proc, inbox, grace)
+        stopped_code, done, usage = await _stop(proc, inbox, grace)
         raise ProcessTimeout(
             f"process {pid} running {describe(func)} did not finish within {timeout:g} s; {done}",
             pid=pid,
             exitcode=stopped_code,
+            resource_usage=usage,
         )
     reader.close()
     try:

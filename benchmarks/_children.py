@@ -74,3 +74,9 @@ def wait_on_fifo(path: str) -> NoReturn:
 
 def noop() -> None:
     """Return at once, through the normal ``multiprocessing`` exit path."""
+
+
+def take(data: bytes) -> None:
+    """A child that only receives its argument (scenario 5's start blocking)."""
+    if not data:
+        os._exit(CHILD_FAILED)

@@ -242,7 +242,38 @@ def _lag(section: dict[str, Any], throughput: dict[str, Any] | None) -> list[str
             *table(["start method", "start()", "p50 ms", "p99 ms", "max ms"], rows, right=2),
             "",
         ]
-    return lines
+    return lines + _start_blocks(section.get("start_blocks", []))
+
+
+def _start_blocks(records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    rows = []
+    for r in records:
+        s = summary(r["blocks"])
+        size = f"{r['payload'] >> 10} KiB" if r["payload"] else "none"
+        turns = sorted(r["yields"])[len(r["yields"]) // 2] if r["yields"] else 0
+        rows.append(
+            [
+                r["start_method"],
+                size,
+                r["call"],
+                str(s["n"]),
+                ms(s["p50"]),
+                ms(s["p99"]),
+                ms(s["max"]),
+                str(turns),
+            ]
+        )
+    headers = ["start method", "arguments", "call", "n", "p50 ms", "p99 ms", "max ms", "turns"]
+    return [
+        "Longest single block of the event loop per start, `start()` against "
+        "`start_async()` (asyncio, each start joined before the next; turns: the median "
+        "number of times `start_async()` handed the loop back during one start):",
+        "",
+        *table(headers, rows, right=3),
+        "",
+    ]
 
 
 def _scale(section: dict[str, Any]) -> list[str]:

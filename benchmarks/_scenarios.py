@@ -13,6 +13,7 @@ from typing import Any
 from ._progress import Progress
 from ._scale import run_scale
 from ._settings import START_METHODS, Settings
+from ._startblock import measure as measure_start_blocks
 from ._ways import (
     BACKENDS,
     Batch,
@@ -143,6 +144,17 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
             section["storm"]["asyncio"] = storm_lags("asyncio", delays, progress)
 
         steps.append(Step("5 exits, no joins · asyncio", len(delays), storm))
+        section["start_blocks"] = []
+        for method in START_METHODS:
+            if method not in multiprocessing.get_all_start_methods():
+                continue
+            payloads = [0] if method == "fork" else [0, settings.start_payload]
+            for payload in payloads:
+                steps.append(
+                    _start_block_step(
+                        method, payload, settings.start_blocks[method], section["start_blocks"]
+                    )
+                )
         for way in settings.lag_ways():
             if usable(5, way):
                 steps.append(
@@ -193,6 +205,16 @@ def _throughput_step(
         return record
 
     return Step(f"3 throughput {method} · {way.label} #{rep + 1}", n, run)
+
+
+def _start_block_step(method: str, payload: int, n: int, into: list[dict[str, Any]]) -> Step:
+    def run(progress: Progress) -> None:
+        gc.collect()
+        into.extend(measure_start_blocks(method, payload, n))
+        progress.advance(2 * n)
+
+    size = f", {payload >> 10} KiB of arguments" if payload else ""
+    return Step(f"5 start blocking · {method}{size}", 2 * n, run)
 
 
 def _idle_step(backend: str, seconds: float, into: dict[str, list[float]]) -> Step:

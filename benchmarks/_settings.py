@@ -53,6 +53,12 @@ class Settings:
     repeat: int = 3
     #: Scenario 5: seconds of heartbeat on an idle loop, per backend.
     idle_seconds: float = 0.3
+    #: Scenario 5: starts timed per start method, with start() and start_async(),
+    #: with no arguments and (forkserver, spawn) with `start_payload` bytes of them.
+    start_blocks: dict[str, int] = field(
+        default_factory=lambda: {"fork": 50, "forkserver": 30, "spawn": 15}
+    )
+    start_payload: int = 1 << 20
     #: Scenario 6: live-children checkpoints, starts timed at each.
     scale: list[int] = field(default_factory=lambda: [1000, 2000])
     scale_samples: int = 20
@@ -147,6 +153,7 @@ def preset(name: str) -> Settings:
             batch=10,
             repeat=1,
             idle_seconds=0.1,
+            start_blocks={"fork": 3, "forkserver": 2, "spawn": 2},
             scale=[20, 40],
             scale_samples=3,
         )

@@ -387,3 +387,16 @@ def send_open_descriptors(conn: Connection) -> None:
             pass  # the listing's own descriptor, closed by now
     conn.send(fds)
     conn.close()
+
+
+def allocate_and_burn(mib: int, cpu_seconds: float) -> None:
+    """Make *mib* MiB resident, then spin until *cpu_seconds* of user CPU are spent."""
+    block = b"\x01" * (mib << 20)  # written, hence resident
+    while os.times().user < cpu_seconds:
+        pass
+    del block
+
+
+def exit_with_length(data: bytes) -> None:
+    """Exit with the payload's length in MiB: proof that all of it arrived."""
+    sys.exit(len(data) >> 20)

@@ -79,6 +79,18 @@ def test_raw_figures(quick_run: dict[str, Any]) -> None:
         assert run["lags"], run["way"]  # the heartbeat ran while the children were joined
     assert set(results["lag"]["idle"]) <= {"asyncio", "uvloop", "trio"}
 
+    blocks = results["lag"]["start_blocks"]
+    assert {(r["start_method"], r["call"]) for r in blocks} == {
+        (method, call)
+        for method in ("fork", "forkserver", "spawn")
+        for call in ("start()", "start_async()")
+    }
+    for r in blocks:
+        assert r["blocks"], r
+        assert all(0 < x < 60 for x in r["blocks"]), r
+        if r["call"] == "start_async()" and r["payload"]:
+            assert min(r["yields"]) > 0, r  # the arguments went out while the loop ran
+
     methods = {run["start_method"] for run in results["throughput"]["runs"]}
     assert methods == {"fork", "forkserver", "spawn"}
     assert all(run["per_second"] > 0 for run in results["throughput"]["runs"])
@@ -110,6 +122,7 @@ def test_table(quick_run: dict[str, Any]) -> None:
     for way in ("raw", "waitid", "sync", "thread", "poll", "aioproc pidfd/asyncio"):
         assert way in names, way
     assert "| 1: pidfd p50 latency <= 1.5x raw" in text
+    assert "`start()` against `start_async()`" in text
     assert f"Raw figures: {quick_run['json']}" in text
 
 
