@@ -21,6 +21,7 @@ from ._tree import (
     arm_lifeline,
     check_die_with_parent,
     check_flag,
+    check_lifeline_method,
     expected_parent,
     lead_own_group,
     set_group_from_parent,
@@ -113,7 +114,8 @@ class AsyncProcess(mp_process.BaseProcess):
     *die_with_parent* (Linux): the child is killed (SIGKILL) when this process
     dies, however it dies, even if that happens while the child is starting.
     The "parent" is the thread that calls ``start()`` (a kernel rule): start it
-    from a thread that outlives the child.
+    from a thread that outlives the child.  Not with the forkserver start
+    method (``NotImplementedError``).
     """
 
     _start_method: str | None = None
@@ -176,6 +178,8 @@ class AsyncProcess(mp_process.BaseProcess):
         super().__init__(None, target, name, args, kwargs, daemon=daemon)
         self._new_process_group = new_process_group
         self._die_with_parent = die_with_parent
+        if die_with_parent and self._ctx is not None:
+            check_lifeline_method(self._ctx.get_start_method())
         if self._ctx is not None:
             self._start_method = self._ctx.get_start_method()
 
@@ -209,7 +213,8 @@ class AsyncProcess(mp_process.BaseProcess):
         watch_cls = choose(Place.here(method))
         _ensure_exit_handler()
         if self._die_with_parent:
-            self._lifeline_parent = expected_parent(method)
+            check_lifeline_method(method)
+            self._lifeline_parent = expected_parent()
         popen = launch(self, ctx)
         if self._new_process_group and method == "fork":
             set_group_from_parent(popen.pid)
@@ -411,15 +416,6 @@ class AsyncProcess(mp_process.BaseProcess):
         state = self.__dict__.copy()
         state.pop("_ctx", None)
         state.pop("_state", None)
-        if self._die_with_parent:
-            # Pickled by start() for spawn or forkserver.  A fork server that was
-            # replaced since start() looked (a retried request) has a new pid.
-            from multiprocessing.context import get_spawning_popen
-
-            popen = get_spawning_popen()
-            method = getattr(popen, "method", None)
-            if method == "forkserver":
-                state["_lifeline_parent"] = expected_parent(method)
         return state
 
 

@@ -355,7 +355,7 @@ async def run(
     context: str | BaseContext | None = None,
     grace: float = DEFAULT_GRACE,
     new_process_group: bool = True,
-    die_with_parent: bool = PDEATHSIG_SUPPORTED,
+    die_with_parent: bool | None = None,
 ) -> T:
     """Call ``func(*args)`` in a new child process and return its result.
 
@@ -384,8 +384,9 @@ async def run(
       its own, so that stopping it stops every process it started; and when
       it exits, for whatever reason, what is left of its group is killed
       (SIGKILL) before ``run`` returns or raises.
-    - *die_with_parent* (default True on Linux, where it is available): the
-      child is killed if this process dies, even by SIGKILL.
+    - *die_with_parent*: the child is killed if this process dies, even by
+      SIGKILL (Linux, fork and spawn).  None (the default) means yes wherever
+      that works.
     """
     if not callable(func):
         raise TypeError(
@@ -401,8 +402,10 @@ async def run(
     timeout = _check_timeout(timeout)
     grace = _check_grace(grace)
     new_process_group = check_flag("new_process_group", new_process_group)
-    die_with_parent = check_die_with_parent(die_with_parent)
     ctx = _resolve_context(context) or multiprocessing.get_context()
+    if die_with_parent is None:
+        die_with_parent = PDEATHSIG_SUPPORTED and ctx.get_start_method() != "forkserver"
+    die_with_parent = check_die_with_parent(die_with_parent)
     _reap_stragglers()
     await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: start nothing
     proc, reader = _start(func, args, ctx, new_process_group, die_with_parent)

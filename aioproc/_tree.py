@@ -26,10 +26,12 @@ not reached its ``setpgid`` is alone in its tree, and gets the signal alone.
 Lifelines.  ``die_with_parent=True`` sets ``prctl(PR_SET_PDEATHSIG, SIGKILL)``
 first thing in the child's bootstrap.  The parent may have died already, before
 the child got there; the child then has another parent, so it compares
-``getppid()`` with the pid its parent recorded before the start (its own; for
-forkserver, the fork server's, which exits when our process dies and so kills
-its children in turn) and, if they differ, kills itself with SIGKILL: the end
-it would have had, had the signal been set a moment earlier.
+``getppid()`` with the pid its parent recorded before the start and, if they
+differ, kills itself with SIGKILL: the end it would have had, had the signal
+been set a moment earlier.  Not for forkserver children: their parent is the
+fork server, which lives on after our process dies for as long as any of its
+children does (each child holds a copy of the pipe whose end-of-file tells the
+server to exit), so its death would never come.
 """
 
 from __future__ import annotations
@@ -101,24 +103,20 @@ def arm_lifeline(expected_parent: int) -> None:
 # -- in the parent --------------------------------------------------------------
 
 
-def expected_parent(method: str) -> int:
-    """The pid that will fork a child started now with *method*.
+def expected_parent() -> int:
+    """The pid a fork or spawn child started now must find as its parent: ours."""
+    return os.getpid()
 
-    Ours, except for forkserver: the fork server's, started here if need be.
-    """
-    if method != "forkserver":
-        return os.getpid()
-    from multiprocessing import forkserver  # noqa: PLC0415 - parents of forkserver children only
 
-    forkserver.ensure_running()
-    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
-    if isinstance(pid, int):
-        return pid
-    raise RuntimeError(  # pragma: no cover - a stdlib that changed
-        "die_with_parent=True with the forkserver start method needs the fork "
-        "server's pid, which this Python's multiprocessing does not expose; "
-        "use the fork or spawn start method"
-    )
+def check_lifeline_method(method: str) -> None:
+    """Refuse die_with_parent for a start method where it cannot hold."""
+    if method == "forkserver":
+        raise NotImplementedError(
+            "die_with_parent=True does not work with the forkserver start method: the "
+            "child's parent is the fork server, which outlives this process as long as "
+            "any of its children lives (each holds the pipe that keeps it alive); use "
+            "the fork or spawn start method"
+        )
 
 
 def set_group_from_parent(pid: int) -> None:
