@@ -405,6 +405,11 @@ async def run(
     ctx = _resolve_context(context) or multiprocessing.get_context()
     if die_with_parent is None:
         die_with_parent = PDEATHSIG_SUPPORTED and ctx.get_start_method() != "forkserver"
+    elif not isinstance(die_with_parent, bool):
+        raise TypeError(
+            "die_with_parent must be True, False or None (on wherever it works), "
+            f"not {type(die_with_parent).__name__} {die_with_parent!r}"
+        )
     die_with_parent = check_die_with_parent(die_with_parent)
     _reap_stragglers()
     await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: start nothing

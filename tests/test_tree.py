@@ -126,7 +126,8 @@ def test_options_must_be_bools(option: str) -> None:
 
 @pytest.mark.parametrize("option", ["new_process_group", "die_with_parent"])
 async def test_run_options_must_be_bools(option: str) -> None:
-    with pytest.raises(TypeError, match=rf"^{option} must be True or False, not str 'yes'$"):
+    rule = "True or False" if option == "new_process_group" else "True, False or None .*"
+    with pytest.raises(TypeError, match=rf"^{option} must be {rule}, not str 'yes'$"):
         await aioproc.run(targets.noop, **{option: "yes"})  # type: ignore[arg-type]
 
 
