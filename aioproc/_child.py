@@ -51,6 +51,7 @@ class ChildState:
         self.group = group
         #: SIGKILL what is left of the group once the child has exited (``run``).
         self.kill_group_at_exit = group and kill_group_at_exit
+        self._parent_pid = os.getpid()
         self.watch: Watch | None = watch
         self.watcher_name = watch.name
         self._token: EventLoopToken | None = None
@@ -175,7 +176,8 @@ class ChildState:
     def _kill_group(self) -> None:
         """SIGKILL the child's group; the child has exited but is not collected yet."""
         watch = self.watch
-        signal_group(self.popen, None if watch is None else watch.pidfd(), signal.SIGKILL)
+        pidfd = None if watch is None else watch.pidfd()
+        signal_group(self.popen, pidfd, signal.SIGKILL, parent=os.getpid() == self._parent_pid)
 
     def wait_blocking(self) -> int | None:
         """Wait for the child without an event loop (interpreter exit)."""
@@ -199,7 +201,12 @@ class ChildState:
         if (
             self.group
             and self.popen.returncode is None
-            and signal_group(self.popen, None if watch is None else watch.pidfd(), sig)
+            and signal_group(
+                self.popen,
+                None if watch is None else watch.pidfd(),
+                sig,
+                parent=os.getpid() == self._parent_pid,
+            )
         ):
             return
         if watch is not None:

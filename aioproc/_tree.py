@@ -157,12 +157,14 @@ def pidfd_group_signals_work() -> bool:
     return pidfd_group_signals
 
 
-def signal_group(popen: Popen, pidfd: int | None, sig: int) -> bool:
+def signal_group(popen: Popen, pidfd: int | None, sig: int, *, parent: bool) -> bool:
     """Send *sig* to the process group the child leads; False if that cannot be done.
 
     False means: the group does not exist (yet, or any more), or it cannot be
-    named safely here; the caller then signals the child alone.  See the
-    module's docstring for why each path never reaches a stranger's group.
+    named safely here; the caller then signals the child alone.  *parent* says
+    whether this process is the child's parent, the only one that knows the
+    child is unreaped.  See the module's docstring for why each path never
+    reaches a stranger's group.
     """
     if pidfd is not None and pidfd_group_signals_work():
         try:
@@ -170,7 +172,7 @@ def signal_group(popen: Popen, pidfd: int | None, sig: int) -> bool:
         except OSError:
             return False
         return True
-    if popen.method == "forkserver" or popen.returncode is not None:
+    if not parent or popen.method == "forkserver" or popen.returncode is not None:
         return False
     try:
         os.killpg(popen.pid, sig)
