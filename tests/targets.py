@@ -377,6 +377,18 @@ def ready_then_crash(conn: Connection, how: str) -> None:
     os._exit(99)
 
 
+def send_open_descriptors(conn: Connection) -> None:
+    """Send what each open descriptor refers to ('pipe:[123]', 'anon_inode:[pidfd]')."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the listing's own descriptor, closed by now
+    conn.send(fds)
+    conn.close()
+
+
 # -- process trees ---------------------------------------------------------------
 
 

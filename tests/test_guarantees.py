@@ -126,6 +126,55 @@ async def test_no_fd_leaked_across_200_processes(watcher: str) -> None:
     assert open_fds() - before == set()
 
 
+async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> None:
+    """A fork child does not inherit the parent's pidfds and pipes for its siblings.
+
+    Holding them would make its exit (the kernel closes them) slower the more
+    siblings it has, and keep their pipes open after the parent is gone.
+    """
+    siblings = [AsyncProcess(target=targets.sleep, args=(30,), context="fork") for _ in range(3)]
+    try:
+        for p in siblings:
+            p.start()
+        with anyio.move_on_after(0.01):  # the thread watcher opens its pipe on a join
+            await siblings[0].join()
+        held = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _descriptors_of(siblings)}
+        parent_end, child_end = multiprocessing.Pipe(duplex=False)
+        child = AsyncProcess(
+            target=targets.send_open_descriptors, args=(child_end,), context="fork"
+        )
+        child.start()
+        child_end.close()
+        with anyio.fail_after(DEADLINE):
+            await anyio.wait_readable(parent_end.fileno())
+            inherited: dict[int, str] = parent_end.recv()
+            assert await child.join() == 0
+        parent_end.close()
+    finally:
+        for p in siblings:
+            p.kill()
+        with anyio.fail_after(DEADLINE):
+            for p in siblings:
+                await p.join()
+    assert len(held) >= 2 * len(siblings)
+    assert set(held.values()).isdisjoint(inherited.values()), (held, inherited)
+
+
+def _descriptors_of(processes: list[AsyncProcess]) -> set[int]:
+    """What the parent holds for these children: pipe ends, pidfds."""
+    fds: set[int] = set()
+    for p in processes:
+        state = p._state
+        assert state is not None
+        assert state.popen.finalizer is not None
+        fds.add(state.popen.sentinel)
+        fds.update(state.popen.finalizer._args)  # type: ignore[attr-defined]
+        wake_fd = state.watch.wake_fd() if state.watch is not None else None
+        if wake_fd is not None:
+            fds.add(wake_fd)
+    return fds
+
+
 def test_no_zombie_afterwards() -> None:
     """In a fresh interpreter: after the joins, the kernel has no child of ours left."""
     script = textwrap.dedent(

@@ -91,3 +91,6 @@ class Watch:
 
     def close(self) -> None:
         """Release what the watch holds; called once no task waits on it."""
+
+    def forget(self) -> None:
+        """In a forked copy of the parent: close what the watch holds, touch nothing else."""

@@ -114,5 +114,7 @@ class PidfdWatch(Watch):
         if fd >= 0:
             os.close(fd)
 
+    forget = close
+
     def __del__(self) -> None:
         self.close()

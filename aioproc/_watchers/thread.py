@@ -70,7 +70,10 @@ class ThreadWatch(Watch):
         if self._thread is not None:
             # The child has exited, so the thread has written or is about to.
             self._thread.join()
-            self._thread = None
+        self.forget()
+
+    def forget(self) -> None:
+        self._thread = None  # in a forked copy, it does not exist
         for fd in (self._rfd, self._wfd):
             if fd >= 0:
                 os.close(fd)
