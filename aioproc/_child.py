@@ -12,11 +12,20 @@ and the next task in the queue takes over the wait, so a cancelled join never
 loses a wake-up and never leaves a thread or a registration behind.  The lock
 belongs to one event loop; a join from another loop is refused while the first
 loop still has joiners, and gets a fresh lock once it has none.
+
+A child that leads its own process group (``new_process_group``) gets every
+signal as a group (see ``_tree``).  ``aioproc.run`` also asks for what is left
+of the group to be killed when the child exits (``kill_group_at_exit``): the
+status is then collected only after the watch or the kernel says the child
+has exited, and the group is sent SIGKILL in between, while the unreaped
+child still holds the group's id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import multiprocessing.connection
 import os
 import signal
 import weakref
@@ -26,7 +35,9 @@ import anyio
 from anyio.lowlevel import EventLoopToken, current_token
 
 from ._exceptions import ExitStatusLost
+from ._tree import signal_group
 from ._watchers import Watch, usable_at_join
+from ._watchers.pidfd import _readable_now
 
 if TYPE_CHECKING:
     from multiprocessing.popen_fork import Popen
@@ -35,9 +46,16 @@ if TYPE_CHECKING:
 
 
 class ChildState:
-    def __init__(self, popen: Popen, watch: Watch) -> None:
+    def __init__(
+        self, popen: Popen, watch: Watch, *, group: bool = False, kill_group_at_exit: bool = False
+    ) -> None:
         _open_states.add(self)
         self.popen = popen
+        #: The child leads its own process group: signals go to the group.
+        self.group = group
+        #: SIGKILL what is left of the group once the child has exited (``run``).
+        self.kill_group_at_exit = group and kill_group_at_exit
+        self._parent_pid = os.getpid()
         self.watch: Watch | None = watch
         self.watcher_name = watch.name
         self._token: EventLoopToken | None = None
@@ -65,7 +83,7 @@ class ChildState:
 
     def poll(self) -> int | None:
         """The exit code if the child has exited (collecting it), else None."""
-        code = self.popen.poll()
+        code = self._poll()
         if code is not None and not self._waiting:
             self._release_watch()
         return code
@@ -129,7 +147,7 @@ class ChildState:
         """Collect the status of a child its watch saw exit."""
         delay = 0.0001
         while True:
-            code = self.popen.poll()
+            code = self._poll()
             if code is not None:
                 return code
             if self.popen.method == "forkserver":
@@ -151,8 +169,39 @@ class ChildState:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
+    def _poll(self) -> int | None:
+        """``Popen.poll()``; first, if asked, SIGKILL what is left of the group."""
+        if not self.kill_group_at_exit or self.popen.returncode is not None:
+            return self.popen.poll()
+        if self.popen.method == "forkserver":
+            exited = _readable_now(self.popen.sentinel)  # the fork server reported it
+        else:
+            try:
+                exited = (
+                    os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+                )
+            except ChildProcessError:
+                exited = True  # collected elsewhere: Popen tells
+        if not exited:
+            return None
+        self._kill_group()
+        return self.popen.poll()
+
+    def _kill_group(self) -> None:
+        """SIGKILL the child's group; the child has exited but is not collected yet."""
+        watch = self.watch
+        pidfd = None if watch is None else watch.pidfd()
+        signal_group(self.popen, pidfd, signal.SIGKILL, parent=os.getpid() == self._parent_pid)
+
     def wait_blocking(self) -> int | None:
         """Wait for the child without an event loop (interpreter exit)."""
+        if self.kill_group_at_exit and self.popen.returncode is None:
+            if self.popen.method == "forkserver":
+                multiprocessing.connection.wait([self.popen.sentinel])
+            else:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+            self._kill_group()
         code = self.popen.wait()
         if code is None:
             code = self.popen.returncode
@@ -161,7 +210,19 @@ class ChildState:
         return code
 
     def send_signal(self, sig: signal.Signals) -> None:
+        """Send *sig* to the child, or its group; nothing once it is collected."""
         watch = self.watch
+        if (
+            self.group
+            and self.popen.returncode is None
+            and signal_group(
+                self.popen,
+                None if watch is None else watch.pidfd(),
+                sig,
+                parent=os.getpid() == self._parent_pid,
+            )
+        ):
+            return
         if watch is not None:
             watch.send_signal(sig)
         elif self.popen.returncode is None:  # pragma: no cover - defensive

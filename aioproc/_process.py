@@ -18,6 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from ._childstate import reset_loop_state
 from ._popen import launch
+from ._tree import (
+    arm_lifeline,
+    check_die_with_parent,
+    check_flag,
+    check_lifeline_method,
+    expected_parent,
+    lead_own_group,
+    set_group_from_parent,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.popen_fork import Popen
@@ -97,6 +106,18 @@ class AsyncProcess(mp_process.BaseProcess):
     *context* is a start method name (``"fork"``, ``"forkserver"``,
     ``"spawn"``), a ``multiprocessing`` context, or None for the default start
     method of the running Python.
+
+    *new_process_group*: the child leads a process group of its own, made
+    before its target runs, so that ``terminate()``, ``kill()`` and
+    ``interrupt()`` reach every process it starts (unless one leaves the group
+    with ``setsid()``).  It no longer gets the signals a terminal sends to its
+    foreground group (Ctrl-C, Ctrl-Z, Ctrl-\\).
+
+    *die_with_parent* (Linux): the child is killed (SIGKILL) when this process
+    dies, however it dies, even if that happens while the child is starting.
+    The "parent" is the thread that calls ``start()`` (a kernel rule): start it
+    from a thread that outlives the child.  Not with the forkserver start
+    method (``NotImplementedError``).
     """
 
     _start_method: str | None = None
@@ -104,6 +125,12 @@ class AsyncProcess(mp_process.BaseProcess):
     _state: ChildState | None = None
     #: True while start_async() is starting the child.
     _starting = False
+    _new_process_group = False
+    _die_with_parent = False
+    #: The pid that forks the child, as the child must find it (die_with_parent).
+    _lifeline_parent: int | None = None
+    #: ``aioproc.run`` sets this: SIGKILL what is left of the group at exit.
+    _kill_group_at_exit = False
 
     if TYPE_CHECKING:  # BaseProcess's private attributes, which typeshed leaves out
         _popen: Popen | None
@@ -128,6 +155,8 @@ class AsyncProcess(mp_process.BaseProcess):
         *,
         daemon: bool | None = None,
         context: str | multiprocessing.context.BaseContext | None = None,
+        new_process_group: bool = False,
+        die_with_parent: bool = False,
     ) -> None:
         if group is not None:
             raise ValueError(
@@ -148,7 +177,13 @@ class AsyncProcess(mp_process.BaseProcess):
         elif not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a dict or None, not {type(kwargs).__name__}")
         self._ctx = _resolve_context(context)
+        new_process_group = check_flag("new_process_group", new_process_group)
+        die_with_parent = check_die_with_parent(die_with_parent)
         super().__init__(None, target, name, args, kwargs, daemon=daemon)
+        self._new_process_group = new_process_group
+        self._die_with_parent = die_with_parent
+        if die_with_parent and self._ctx is not None:
+            check_lifeline_method(self._ctx.get_start_method())
         if self._ctx is not None:
             self._start_method = self._ctx.get_start_method()
 
@@ -218,8 +253,12 @@ class AsyncProcess(mp_process.BaseProcess):
         from ._watchers import Place, choose
 
         ctx = self._ctx if self._ctx is not None else multiprocessing.get_context()
-        watch_cls = choose(Place.here(ctx.get_start_method()))
+        method = ctx.get_start_method()
+        watch_cls = choose(Place.here(method))
         _ensure_exit_handler()
+        if self._die_with_parent:
+            check_lifeline_method(method)
+            self._lifeline_parent = expected_parent()
         return ctx, watch_cls
 
     def _started(self, popen: Popen, watch_cls: type[Watch]) -> None:
@@ -227,6 +266,8 @@ class AsyncProcess(mp_process.BaseProcess):
         from ._child import ChildState
         from ._watchers import attach
 
+        if self._new_process_group and popen.method == "fork":
+            set_group_from_parent(popen.pid)
         try:
             watch = attach(watch_cls, popen)
         except BaseException as exc:
@@ -239,7 +280,12 @@ class AsyncProcess(mp_process.BaseProcess):
                     "close file descriptors or raise RLIMIT_NOFILE",
                 ) from exc
             raise
-        self._state = ChildState(popen, watch)
+        self._state = ChildState(
+            popen,
+            watch,
+            group=self._new_process_group,
+            kill_group_at_exit=self._kill_group_at_exit,
+        )
         self._popen = popen
         self._sentinel = popen.sentinel
         # As the stdlib does: no reference cycle through the target (bpo-30775).
@@ -387,6 +433,16 @@ class AsyncProcess(mp_process.BaseProcess):
         self._name = name
 
     @property
+    def new_process_group(self) -> bool:
+        """Whether the child leads a process group of its own (signals reach it all)."""
+        return self._new_process_group
+
+    @property
+    def die_with_parent(self) -> bool:
+        """Whether the child is killed when this process dies (Linux)."""
+        return self._die_with_parent
+
+    @property
     def watcher(self) -> WatcherName | None:
         """The watcher that tells ``join()`` about this child (None before start)."""
         return None if self._state is None else self._state.watcher_name
@@ -406,11 +462,20 @@ class AsyncProcess(mp_process.BaseProcess):
             info.append("running" if code is None else f"exitcode={_exitcode_text(code)}")
         if self.daemon:
             info.append("daemon")
+        if self._new_process_group:
+            info.append("new_process_group")
+        if self._die_with_parent:
+            info.append("die_with_parent")
         return f"<{' '.join(info)}>"
 
     # -- in the child, and across the pickle to it ---------------------------
 
     def _bootstrap(self, parent_sentinel: int | None = None) -> int:
+        # Before anything of the user's runs: it may start processes at once.
+        if self._die_with_parent and self._lifeline_parent is not None:
+            arm_lifeline(self._lifeline_parent)
+        if self._new_process_group:
+            lead_own_group()
         child = sys.modules.get("aioproc._child")
         if child is not None:  # forked from a parent that has children: its pipes
             child.forget_all()

@@ -69,6 +69,7 @@ from ._exceptions import (
 )
 from ._process import AsyncProcess, _check_timeout, _resolve_context
 from ._runchild import HEADER, Call, child_main, describe, type_name
+from ._tree import PDEATHSIG_SUPPORTED, check_die_with_parent, check_flag
 from ._usage import ResourceUsage
 
 if sys.version_info >= (3, 11):
@@ -195,13 +196,24 @@ def _sigint_blocked(method: str) -> Iterator[None]:
 
 
 def _start(
-    func: Callable[..., object], args: tuple[Any, ...], ctx: BaseContext
+    func: Callable[..., object],
+    args: tuple[Any, ...],
+    ctx: BaseContext,
+    new_process_group: bool,
+    die_with_parent: bool,
 ) -> tuple[AsyncProcess, Connection]:
     method = ctx.get_start_method()
     reader, writer = multiprocessing.Pipe(duplex=False)
     try:
         call = Call(func, args, method)
-        proc = AsyncProcess(target=child_main, args=(writer, call), context=ctx)
+        proc = AsyncProcess(
+            target=child_main,
+            args=(writer, call),
+            context=ctx,
+            new_process_group=new_process_group,
+            die_with_parent=die_with_parent,
+        )
+        proc._kill_group_at_exit = True  # the whole tree ends with the call
         with _sigint_blocked(method):
             proc.start()
     except BaseException:
@@ -352,6 +364,8 @@ async def run(
     timeout: float | None = None,  # noqa: ASYNC109 - the child's whole life, with cleanup
     context: str | BaseContext | None = None,
     grace: float = DEFAULT_GRACE,
+    new_process_group: bool = True,
+    die_with_parent: bool | None = None,
 ) -> T:
     """Call ``func(*args)`` in a new child process and return its result.
 
@@ -376,6 +390,13 @@ async def run(
       without pickling.)
     - The child ignores SIGINT: on Ctrl-C the parent decides, and its
       cancellation stops the child.
+    - *new_process_group* (default True): the child leads a process group of
+      its own, so that stopping it stops every process it started; and when
+      it exits, for whatever reason, what is left of its group is killed
+      (SIGKILL) before ``run`` returns or raises.
+    - *die_with_parent*: the child is killed if this process dies, even by
+      SIGKILL (Linux, fork and spawn).  None (the default) means yes wherever
+      that works.
     """
     if not callable(func):
         raise TypeError(
@@ -390,10 +411,19 @@ async def run(
         )
     timeout = _check_timeout(timeout)
     grace = _check_grace(grace)
+    new_process_group = check_flag("new_process_group", new_process_group)
     ctx = _resolve_context(context) or multiprocessing.get_context()
+    if die_with_parent is None:
+        die_with_parent = PDEATHSIG_SUPPORTED and ctx.get_start_method() != "forkserver"
+    elif not isinstance(die_with_parent, bool):
+        raise TypeError(
+            "die_with_parent must be True, False or None (on wherever it works), "
+            f"not {type(die_with_parent).__name__} {die_with_parent!r}"
+        )
+    die_with_parent = check_die_with_parent(die_with_parent)
     _reap_stragglers()
     await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: start nothing
-    proc, reader = _start(func, args, ctx)
+    proc, reader = _start(func, args, ctx, new_process_group, die_with_parent)
     pid = cast(int, proc.pid)
     inbox = _Inbox(reader)
     try:

@@ -400,3 +400,39 @@ def allocate_and_burn(mib: int, cpu_seconds: float) -> None:
 def exit_with_length(data: bytes) -> None:
     """Exit with the payload's length in MiB: proof that all of it arrived."""
     sys.exit(len(data) >> 20)
+
+
+# -- process trees ---------------------------------------------------------------
+
+
+def start_grandchild(ignore_sigterm: bool = False) -> int:
+    """Start ``sleep 1000`` in the background (ignoring SIGTERM if asked); its pid."""
+    import subprocess
+
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited through exec
+    return subprocess.Popen(["sleep", "1000"]).pid
+
+
+def grandchild_then_sleep(conn: Connection, ignore_sigterm: bool) -> None:
+    """Start a grandchild, send its pid, and sleep; SIGINT exits at once."""
+    try:
+        conn.send(start_grandchild(ignore_sigterm))
+        conn.close()
+        time.sleep(60)
+    except KeyboardInterrupt:
+        os._exit(3)
+
+
+def grandchild_to_file(path: str, ignore_sigterm: bool, then_sleep: float) -> int:
+    """Start a grandchild, write its pid to *path*, sleep; return its pid."""
+    pid = start_grandchild(ignore_sigterm)
+    with open(path, "w") as f:
+        f.write(str(pid))
+    time.sleep(then_sleep)
+    return pid
+
+
+def print_pid_then_sleep(tag: str, seconds: float) -> None:
+    print(tag, os.getpid(), flush=True)
+    time.sleep(seconds)

@@ -77,6 +77,10 @@ class Watch:
         """The descriptor a waiter sleeps on that ``close()`` is about to close."""
         return None
 
+    def pidfd(self) -> int | None:
+        """A pidfd naming the child, if this watch holds one."""
+        return None
+
     def send_signal(self, sig: signal.Signals) -> None:
         """Send *sig* to the child unless it is already known to have exited."""
         if self.popen.returncode is None:

@@ -95,6 +95,9 @@ class PidfdWatch(Watch):
     def wake_fd(self) -> int | None:
         return self.fd if self.fd >= 0 else None
 
+    def pidfd(self) -> int | None:
+        return self.fd if self.fd >= 0 else None
+
     def send_signal(self, sig: signal.Signals) -> None:
         if self.gone:
             return  # exited; its pid may be someone else's by now

@@ -1,0 +1,181 @@
+"""Process trees and lifelines: a child that leads its own process group, a child
+that dies with its parent.
+
+Process groups.  A child started with ``new_process_group=True`` calls
+``setpgid(0, 0)`` first thing in its bootstrap, before any code of the user's
+runs, so every process it forks (and they fork) is in a group whose id is the
+child's pid; for the fork method the parent makes the same call right after the
+fork, so the group exists when ``start()`` returns.  A signal for the child then
+goes to the whole group.  A group id is only safe to signal while it cannot
+name a stranger's group, and the kernel gives two ways to be sure:
+
+- ``pidfd_send_signal(pidfd, sig, PIDFD_SIGNAL_PROCESS_GROUP)`` (Linux >= 6.9)
+  signals the group of the very ``struct pid`` the pidfd holds: never a reused
+  number, even once the leader is reaped, and whoever reaped it (a forkserver
+  child is reaped by the fork server).  Used wherever the watch has a pidfd.
+- ``killpg(pid)`` while the leader is our unreaped child: until we collect its
+  status, its pid (a zombie's included) is in use, and Linux hands out no pid
+  number still in use as a pid, a group or a session id.  Used for fork and
+  spawn children otherwise.  A forkserver child without a pidfd has neither
+  guarantee (the fork server reaps it behind our back), so it gets the signal
+  alone.
+
+Either way, ESRCH means no such group yet: a spawn or forkserver child that has
+not reached its ``setpgid`` is alone in its tree, and gets the signal alone.
+
+Lifelines.  ``die_with_parent=True`` sets ``prctl(PR_SET_PDEATHSIG, SIGKILL)``
+first thing in the child's bootstrap.  The parent may have died already, before
+the child got there; the child then has another parent, so it compares
+``getppid()`` with the pid its parent recorded before the start and, if they
+differ, kills itself with SIGKILL: the end it would have had, had the signal
+been set a moment earlier.  Not for forkserver children: their parent is the
+fork server, which lives on after our process dies for as long as any of its
+children does (each child holds a copy of the pipe whose end-of-file tells the
+server to exit), so its death would never come.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from multiprocessing.popen_fork import Popen
+
+#: Whether ``die_with_parent=True`` can work here: Linux's PR_SET_PDEATHSIG.
+PDEATHSIG_SUPPORTED = sys.platform.startswith("linux")
+
+_PR_SET_PDEATHSIG = 1
+#: pidfd_send_signal() flag (Linux >= 6.9): the group whose id is the pidfd's pid.
+_PIDFD_SIGNAL_PROCESS_GROUP = 4
+
+#: Tests set this to False to take the killpg path; None means "not probed yet".
+pidfd_group_signals: bool | None = None
+
+
+def check_flag(name: str, value: object) -> bool:
+    """*value* if it is a bool, else a TypeError naming the option."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__} {value!r}")
+    return value
+
+
+def check_die_with_parent(value: object) -> bool:
+    """*value* as a bool; True where PR_SET_PDEATHSIG is missing is an error."""
+    wanted = check_flag("die_with_parent", value)
+    if wanted and not PDEATHSIG_SUPPORTED:
+        raise NotImplementedError(
+            "die_with_parent=True needs Linux (prctl PR_SET_PDEATHSIG), and this is "
+            f"{sys.platform}; pass die_with_parent=False, and have the child watch "
+            "multiprocessing.parent_process().sentinel instead"
+        )
+    return wanted
+
+
+# -- in the child ---------------------------------------------------------------
+
+
+def lead_own_group() -> None:
+    """Make the calling process the leader of a new process group."""
+    os.setpgid(0, 0)
+
+
+def arm_lifeline(expected_parent: int) -> None:
+    """Be killed when the parent dies; die now if it already has.
+
+    *expected_parent* is the pid of the process that forked us, as the parent
+    recorded it.  Any other ``getppid()`` means that it died (we were handed
+    to init or a subreaper) before the death signal was set.
+    """
+    import ctypes  # noqa: PLC0415 - only children that ask for it pay for it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:  # pragma: no cover
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
+    if os.getppid() != expected_parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- in the parent --------------------------------------------------------------
+
+
+def expected_parent() -> int:
+    """The pid a fork or spawn child started now must find as its parent: ours."""
+    return os.getpid()
+
+
+def check_lifeline_method(method: str) -> None:
+    """Refuse die_with_parent for a start method where it cannot hold."""
+    if method == "forkserver":
+        raise NotImplementedError(
+            "die_with_parent=True does not work with the forkserver start method: the "
+            "child's parent is the fork server, which outlives this process as long as "
+            "any of its children lives (each holds the pipe that keeps it alive); use "
+            "the fork or spawn start method"
+        )
+
+
+def set_group_from_parent(pid: int) -> None:
+    """The parent's half of the classic double ``setpgid`` (fork children).
+
+    Once the child has exec'd (spawn) or is not ours (forkserver), the call
+    fails with EACCES or ESRCH; the child's own call makes the group then.
+    """
+    try:
+        os.setpgid(pid, pid)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.ESRCH, errno.EPERM):
+            raise
+
+
+def pidfd_group_signals_work() -> bool:
+    """Whether ``pidfd_send_signal`` takes PIDFD_SIGNAL_PROCESS_GROUP (probed once)."""
+    global pidfd_group_signals
+    if pidfd_group_signals is None:
+        pidfd_group_signals = False
+        if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
+            try:
+                fd = os.pidfd_open(os.getpid())
+            except OSError:
+                return False
+            try:
+                # Signal 0 to the group whose id is our pid: there is none (we do
+                # not lead one), so a kernel that knows the flag says ESRCH.
+                signal.pidfd_send_signal(fd, 0, None, _PIDFD_SIGNAL_PROCESS_GROUP)
+            except ProcessLookupError:
+                pidfd_group_signals = True
+            except OSError:
+                pass  # EINVAL: a kernel before 6.9
+            else:
+                pidfd_group_signals = True  # pragma: no cover - we lead a group
+            finally:
+                os.close(fd)
+    return pidfd_group_signals
+
+
+def signal_group(popen: Popen, pidfd: int | None, sig: int, *, parent: bool) -> bool:
+    """Send *sig* to the process group the child leads; False if that cannot be done.
+
+    False means: the group does not exist (yet, or any more), or it cannot be
+    named safely here; the caller then signals the child alone.  *parent* says
+    whether this process is the child's parent, the only one that knows the
+    child is unreaped.  See the module's docstring for why each path never
+    reaches a stranger's group.
+    """
+    if pidfd is not None and pidfd_group_signals_work():
+        try:
+            signal.pidfd_send_signal(pidfd, sig, None, _PIDFD_SIGNAL_PROCESS_GROUP)
+        except OSError:
+            return False
+        return True
+    if not parent or popen.method == "forkserver" or popen.returncode is not None:
+        return False
+    try:
+        os.killpg(popen.pid, sig)
+    except OSError:
+        return False
+    return True
