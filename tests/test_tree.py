@@ -88,7 +88,9 @@ def no_pidfd_group_signals() -> Iterator[None]:
     _tree.pidfd_group_signals = saved
 
 
-async def start_tree(method: str, *, ignore_sigterm: bool = False) -> tuple[AsyncProcess, int]:
+async def start_tree(
+    method: str, *, ignore_sigterm: bool = False, start: str = "start"
+) -> tuple[AsyncProcess, int]:
     """A child leading its own group, and the pid of the grandchild it started."""
     reader, writer = multiprocessing.Pipe(duplex=False)
     p = AsyncProcess(
@@ -97,7 +99,10 @@ async def start_tree(method: str, *, ignore_sigterm: bool = False) -> tuple[Asyn
         context=method,
         new_process_group=True,
     )
-    p.start()
+    if start == "start_async":
+        await p.start_async()
+    else:
+        p.start()
     writer.close()
     with anyio.fail_after(10):
         await anyio.wait_readable(reader.fileno())
@@ -141,10 +146,11 @@ def test_die_with_parent_needs_linux(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- process groups ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("start", ["start", "start_async"])
 @pytest.mark.parametrize("method", METHODS)
-async def test_terminate_reaches_the_grandchildren(method: str) -> None:
+async def test_terminate_reaches_the_grandchildren(method: str, start: str) -> None:
     with adopting_grandchildren():
-        p, grandchild = await start_tree(method)
+        p, grandchild = await start_tree(method, start=start)
         with killed_afterwards(grandchild):
             assert os.getpgid(p.pid or 0) == p.pid
             assert os.getpgid(grandchild) == p.pid
@@ -350,15 +356,19 @@ def test_a_parent_dead_before_the_death_signal_was_set() -> None:
 
 
 @LINUX_ONLY
+@pytest.mark.parametrize("start", ["start", "start_async"])
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 async def test_the_parent_check_kills_a_child_whose_parent_is_not_the_expected_one(
-    method: str, monkeypatch: pytest.MonkeyPatch
+    method: str, start: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As if the parent had died before the child set its death signal: the
     # child finds another parent than the one recorded, and kills itself.
     monkeypatch.setattr(_process, "expected_parent", lambda: 1)
     p = AsyncProcess(target=targets.noop, context=method, die_with_parent=True)
-    p.start()
+    if start == "start_async":
+        await p.start_async()
+    else:
+        p.start()
     with anyio.fail_after(10):
         assert await p.join() == -signal.SIGKILL
     p.close()
