@@ -1,14 +1,18 @@
 """aioproc: start real OS processes and await them without blocking the event loop.
 
-The public names are loaded on first use: a spawn or forkserver child unpickles
-its ``AsyncProcess`` by importing ``aioproc._process``, which runs this file
-first, and should not pay for the event-loop machinery it never uses.
+A spawn or forkserver child unpickles its ``AsyncProcess`` by importing
+``aioproc._process``, which runs this file first: so ``AsyncProcess`` is
+loaded here (a fork server that preloads ``aioproc`` then spares every child
+that import), and the other public names, the event-loop machinery a child
+never uses, on first use.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from ._process import AsyncProcess as AsyncProcess
 
 if TYPE_CHECKING:
     from ._exceptions import ExitStatusLost as ExitStatusLost
@@ -19,14 +23,12 @@ if TYPE_CHECKING:
     from ._exceptions import RemoteTraceback as RemoteTraceback
     from ._exceptions import UnkillableProcessWarning as UnkillableProcessWarning
     from ._exceptions import WatcherUnavailable as WatcherUnavailable
-    from ._process import AsyncProcess as AsyncProcess
     from ._run import run as run
     from ._usage import ResourceUsage as ResourceUsage
     from ._watchers import get_watcher as get_watcher
     from ._watchers import set_watcher as set_watcher
 
 _WHERE = {
-    "AsyncProcess": "._process",
     "ExitStatusLost": "._exceptions",
     "ProcessDied": "._exceptions",
     "ProcessError": "._exceptions",
