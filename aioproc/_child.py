@@ -28,12 +28,12 @@ import errno
 import multiprocessing.connection
 import os
 import signal
-import weakref
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
 
+from . import _fds
 from ._exceptions import ExitStatusLost
 from ._tree import signal_group
 from ._watchers import Watch, usable_at_join
@@ -46,16 +46,20 @@ if TYPE_CHECKING:
 
 
 class ChildState:
+    _fds: tuple[int, ...] = ()
+
     def __init__(
         self, popen: Popen, watch: Watch, *, group: bool = False, kill_group_at_exit: bool = False
     ) -> None:
-        _open_states.add(self)
         self.popen = popen
         #: The child leads its own process group: signals go to the group.
         self.group = group
         #: SIGKILL what is left of the group once the child has exited (``run``).
         self.kill_group_at_exit = group and kill_group_at_exit
         self._parent_pid = os.getpid()
+        finalizer = popen.finalizer  # the stdlib's: it closes the pipe ends
+        self._fds = (popen.sentinel, *(finalizer._args if finalizer is not None else ()))  # type: ignore[attr-defined]
+        _fds.hold(*self._fds)
         self.watch: Watch | None = watch
         self.watcher_name = watch.name
         self._token: EventLoopToken | None = None
@@ -242,45 +246,18 @@ class ChildState:
                         "event loop of another thread; await that join first"
                     ) from None
         self._release_watch()
+        self._release_fds()
         self.popen.close()
-        _open_states.discard(self)
 
-    def forget(self) -> None:
-        """In a child forked from the parent: close the descriptors held for this sibling.
+    def _release_fds(self) -> None:
+        fds, self._fds = self._fds, ()
+        if os.getpid() == self._parent_pid:
+            _fds.release(*fds)
 
-        A forked child inherits every descriptor the parent holds for its live
-        children (the pidfd, the stdlib's pipe ends), and the kernel must close
-        them all when it exits, which delays its exit by as much as the parent
-        has children.  The parent's own finalizers are inert in the child, so
-        they are closed here; signals to the sibling then go by pid, as the
-        stdlib's do.
-        """
-        watch, self.watch = self.watch, None
-        if watch is not None:
-            watch.forget()
-        finalizer = self.popen.finalizer
-        fds = set(finalizer._args or ()) if finalizer is not None else set()  # type: ignore[attr-defined]
-        fds.add(self.popen.sentinel)
-        for fd in fds:
-            if isinstance(fd, int) and fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.popen.finalizer = None
+    def __del__(self) -> None:
+        self._release_fds()  # the stdlib's finalizer closes them with the Popen
 
     def _release_watch(self) -> None:
         watch, self.watch = self.watch, None
         if watch is not None:
             watch.close()
-
-
-#: The children whose descriptors this process holds, for ``forget_all``.
-_open_states: weakref.WeakSet[ChildState] = weakref.WeakSet()
-
-
-def forget_all() -> None:
-    """In a forked child: close what the parent held for its children (see ``forget``)."""
-    for state in list(_open_states):
-        state.forget()
-    _open_states.clear()

@@ -12,10 +12,10 @@ import multiprocessing.util as mp_util
 import numbers
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import _fds
 from ._childstate import reset_loop_state
 from ._popen import launch
 from ._tree import (
@@ -476,9 +476,7 @@ class AsyncProcess(mp_process.BaseProcess):
             arm_lifeline(self._lifeline_parent)
         if self._new_process_group:
             lead_own_group()
-        child = sys.modules.get("aioproc._child")
-        if child is not None:  # forked from a parent that has children: its pipes
-            child.forget_all()
+        _fds.close_inherited()  # forked from a parent that has children: their pipes
         reset_loop_state()
         # A fresh context: no context variable of the parent's loop leaks in.
         bootstrap = super()._bootstrap  # type: ignore[misc]

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 
 def noop() -> None:
@@ -436,3 +437,27 @@ def grandchild_to_file(path: str, ignore_sigterm: bool, then_sleep: float) -> in
 def print_pid_then_sleep(tag: str, seconds: float) -> None:
     print(tag, os.getpid(), flush=True)
     time.sleep(seconds)
+
+
+def reuse_and_drop_siblings(conn: Connection, siblings: list[Any]) -> None:
+    """In a fork child: reuse the parent's closed descriptors, then drop the siblings.
+
+    The siblings are dropped as the garbage collector would, and one is
+    signalled.  Sends whether every descriptor opened here survived.
+    """
+    opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(3 * len(siblings) + 8)]
+    for p in siblings:
+        state = p._state
+        state.watch.close()  # what their __del__ would do
+        state.__del__()
+    siblings[0].terminate()  # by pid: the pidfd is closed here
+    alive = []
+    for fd in opened:
+        try:
+            os.fstat(fd)
+        except OSError:
+            alive.append(False)
+        else:
+            alive.append(True)
+    conn.send(all(alive))
+    conn.close()

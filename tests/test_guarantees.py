@@ -7,6 +7,7 @@ import gc
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -158,6 +159,35 @@ async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> Non
                 await p.join()
     assert len(held) >= 2 * len(siblings)
     assert set(held.values()).isdisjoint(inherited.values()), (held, inherited)
+
+
+async def test_a_forked_child_does_not_use_its_siblings_closed_descriptors(watcher: str) -> None:
+    """In a fork child, dropping an inherited sibling closes nothing of the child's
+    own (the numbers were closed and may be reused), and signalling it goes by pid."""
+    siblings = [AsyncProcess(target=targets.sleep, args=(30,), context="fork") for _ in range(3)]
+    try:
+        for p in siblings:
+            p.start()
+        with anyio.move_on_after(0.01):  # the thread watcher opens its pipe on a join
+            await siblings[0].join()
+        parent_end, child_end = multiprocessing.Pipe(duplex=False)
+        child = AsyncProcess(
+            target=targets.reuse_and_drop_siblings, args=(child_end, siblings), context="fork"
+        )
+        child.start()
+        child_end.close()
+        with anyio.fail_after(DEADLINE):
+            await anyio.wait_readable(parent_end.fileno())
+            assert parent_end.recv() is True
+            assert await child.join() == 0
+            assert await siblings[0].join() == -signal.SIGTERM
+        parent_end.close()
+    finally:
+        for p in siblings:
+            p.kill()
+        with anyio.fail_after(DEADLINE):
+            for p in siblings:
+                await p.join()
 
 
 def _descriptors_of(processes: list[AsyncProcess]) -> set[int]:

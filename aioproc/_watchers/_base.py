@@ -63,6 +63,11 @@ class Watch:
 
     def __init__(self, popen: Popen) -> None:
         self.popen = popen
+        self._owner = os.getpid()
+
+    def owned_here(self) -> bool:
+        """False in a forked copy of the parent, where the watch's descriptors are closed."""
+        return self._owner == os.getpid()
 
     @classmethod
     def unavailable(cls, place: Place) -> str | None:
@@ -91,6 +96,3 @@ class Watch:
 
     def close(self) -> None:
         """Release what the watch holds; called once no task waits on it."""
-
-    def forget(self) -> None:
-        """In a forked copy of the parent: close what the watch holds, touch nothing else."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 
+from .. import _fds
 from ._base import Watch
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class PidfdWatch(Watch):
         super().__init__(popen)
         if popen.method != "forkserver":
             self.fd = os.pidfd_open(popen.pid)
+            _fds.hold(self.fd)
             return
         try:
             fd = os.pidfd_open(popen.pid)
@@ -85,6 +87,7 @@ class PidfdWatch(Watch):
             self.gone = True
             return
         self.fd = fd
+        _fds.hold(fd)
 
     async def wait_exited(self) -> None:
         if self.gone:
@@ -96,12 +99,12 @@ class PidfdWatch(Watch):
         return self.fd if self.fd >= 0 else None
 
     def pidfd(self) -> int | None:
-        return self.fd if self.fd >= 0 else None
+        return self.fd if self.fd >= 0 and self.owned_here() else None
 
     def send_signal(self, sig: signal.Signals) -> None:
         if self.gone:
             return  # exited; its pid may be someone else's by now
-        if self.popen.returncode is None and self.fd >= 0:
+        if self.popen.returncode is None and self.pidfd() is not None:
             try:
                 signal.pidfd_send_signal(self.fd, sig)
             except ProcessLookupError:
@@ -111,10 +114,9 @@ class PidfdWatch(Watch):
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
-        if fd >= 0:
+        if fd >= 0 and self.owned_here():
+            _fds.release(fd)
             os.close(fd)
-
-    forget = close
 
     def __del__(self) -> None:
         self.close()

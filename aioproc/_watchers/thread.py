@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .. import _fds
 from ._base import Watch
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class ThreadWatch(Watch):
         if self._thread is None:
             if self._rfd < 0:
                 self._rfd, self._wfd = os.pipe()
+                _fds.hold(self._rfd, self._wfd)
             thread = threading.Thread(
                 target=self._wait_blocking,
                 name=f"aioproc-wait-{self.popen.pid}",
@@ -67,14 +69,16 @@ class ThreadWatch(Watch):
         return self._rfd if self._rfd >= 0 else None
 
     def close(self) -> None:
+        if not self.owned_here():  # a forked copy: no thread, descriptors closed
+            self._rfd = self._wfd = -1
+            return
         if self._thread is not None:
             # The child has exited, so the thread has written or is about to.
             self._thread.join()
-        self.forget()
-
-    def forget(self) -> None:
-        self._thread = None  # in a forked copy, it does not exist
-        for fd in (self._rfd, self._wfd):
-            if fd >= 0:
-                os.close(fd)
+            self._thread = None
+        fds = (self._rfd, self._wfd)
         self._rfd = self._wfd = -1
+        for fd in fds:
+            if fd >= 0:
+                _fds.release(fd)
+                os.close(fd)
