@@ -3,6 +3,7 @@ no foreign child reaped, a clean interpreter exit."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -127,36 +129,50 @@ async def test_no_fd_leaked_across_200_processes(watcher: str) -> None:
     assert open_fds() - before == set()
 
 
-async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> None:
-    """A fork child does not inherit the parent's pidfds and pipes for its siblings.
-
-    Holding them would make its exit (the kernel closes them) slower the more
-    siblings it has, and keep their pipes open after the parent is gone.
-    """
+@contextlib.asynccontextmanager
+async def sleeping_siblings() -> AsyncIterator[list[AsyncProcess]]:
+    """Three running fork children, each watched (killed and joined at the end)."""
     siblings = [AsyncProcess(target=targets.sleep, args=(30,), context="fork") for _ in range(3)]
     try:
         for p in siblings:
             p.start()
         with anyio.move_on_after(0.01):  # the thread watcher opens its pipe on a join
             await siblings[0].join()
-        held = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _descriptors_of(siblings)}
-        parent_end, child_end = multiprocessing.Pipe(duplex=False)
-        child = AsyncProcess(
-            target=targets.send_open_descriptors, args=(child_end,), context="fork"
-        )
+        yield siblings
+    finally:
+        for p in siblings:
+            if p.pid is not None:
+                p.kill()
+        with anyio.fail_after(DEADLINE):
+            for p in siblings:
+                if p.pid is not None:
+                    await p.join()
+
+
+async def run_fork_child(target: Callable[..., None], *args: object) -> object:
+    """Start a fork child that sends one object; return it once the child exited with 0."""
+    parent_end, child_end = multiprocessing.Pipe(duplex=False)
+    with parent_end:
+        child = AsyncProcess(target=target, args=(child_end, *args), context="fork")
         child.start()
         child_end.close()
         with anyio.fail_after(DEADLINE):
             await anyio.wait_readable(parent_end.fileno())
-            inherited: dict[int, str] = parent_end.recv()
+            sent: object = parent_end.recv()
             assert await child.join() == 0
-        parent_end.close()
-    finally:
-        for p in siblings:
-            p.kill()
-        with anyio.fail_after(DEADLINE):
-            for p in siblings:
-                await p.join()
+    return sent
+
+
+async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> None:
+    """A fork child does not inherit the parent's pidfds and pipes for its siblings.
+
+    Holding them would make its exit (the kernel closes them) slower the more
+    siblings it has, and keep their pipes open after the parent is gone.
+    """
+    async with sleeping_siblings() as siblings:
+        held = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _descriptors_of(siblings)}
+        inherited = await run_fork_child(targets.send_open_descriptors)
+    assert isinstance(inherited, dict)
     assert len(held) >= 2 * len(siblings)
     assert set(held.values()).isdisjoint(inherited.values()), (held, inherited)
 
@@ -164,30 +180,10 @@ async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> Non
 async def test_a_forked_child_does_not_use_its_siblings_closed_descriptors(watcher: str) -> None:
     """In a fork child, dropping an inherited sibling closes nothing of the child's
     own (the numbers were closed and may be reused), and signalling it goes by pid."""
-    siblings = [AsyncProcess(target=targets.sleep, args=(30,), context="fork") for _ in range(3)]
-    try:
-        for p in siblings:
-            p.start()
-        with anyio.move_on_after(0.01):  # the thread watcher opens its pipe on a join
-            await siblings[0].join()
-        parent_end, child_end = multiprocessing.Pipe(duplex=False)
-        child = AsyncProcess(
-            target=targets.reuse_and_drop_siblings, args=(child_end, siblings), context="fork"
-        )
-        child.start()
-        child_end.close()
+    async with sleeping_siblings() as siblings:
+        assert await run_fork_child(targets.reuse_and_drop_siblings, siblings) is True
         with anyio.fail_after(DEADLINE):
-            await anyio.wait_readable(parent_end.fileno())
-            assert parent_end.recv() is True
-            assert await child.join() == 0
             assert await siblings[0].join() == -signal.SIGTERM
-        parent_end.close()
-    finally:
-        for p in siblings:
-            p.kill()
-        with anyio.fail_after(DEADLINE):
-            for p in siblings:
-                await p.join()
 
 
 def _descriptors_of(processes: list[AsyncProcess]) -> set[int]:
