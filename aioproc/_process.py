@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import math
@@ -216,6 +217,12 @@ class AsyncProcess(mp_process.BaseProcess):
         unstarted and may be started again.  Once it returns, the child is
         started, even if the task was cancelled meanwhile.
         """
+        await self._start_async(contextlib.nullcontext)
+
+    async def _start_async(
+        self, around_launch: Callable[[], contextlib.AbstractContextManager[object]]
+    ) -> None:
+        """``start_async()``, entering *around_launch* while the child is created."""
         import anyio.lowlevel
 
         from ._startasync import launch_async
@@ -226,7 +233,7 @@ class AsyncProcess(mp_process.BaseProcess):
             # The checkpoint comes first: after a fork, every page the parent
             # touches is copied, so it yields before the fork, not after.
             await anyio.lowlevel.checkpoint()
-            popen = await launch_async(self, ctx)
+            popen = await launch_async(self, ctx, around_launch)
         finally:
             self._starting = False
         self._started(popen, watch_cls)

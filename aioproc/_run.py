@@ -35,12 +35,16 @@ the child, which inherits the blocked mask and unblocks it only once the
 handler is in place: a Ctrl-C during start-up waits for the handler and prints
 no traceback.  forkserver children are forked by the fork server, which restores
 the default handler; they ignore SIGINT from the moment the wrapper runs.
+The child is started with ``start_async()``: the mask is blocked only while the
+child is created (the fork, the vfork + exec), not while its arguments are
+written, when other tasks run and must not start children with a blocked mask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import inspect
 import math
 import multiprocessing
@@ -195,7 +199,7 @@ def _sigint_blocked(method: str) -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def _start(
+async def _start(
     func: Callable[..., object],
     args: tuple[Any, ...],
     ctx: BaseContext,
@@ -214,8 +218,9 @@ def _start(
             die_with_parent=die_with_parent,
         )
         proc._kill_group_at_exit = True  # the whole tree ends with the call
-        with _sigint_blocked(method):
-            proc.start()
+        # SIGINT is blocked only while the child is created, never across an
+        # await: other tasks' children must not inherit the mask.
+        await proc._start_async(functools.partial(_sigint_blocked, method))
     except BaseException:
         reader.close()
         raise
@@ -423,7 +428,7 @@ async def run(
     die_with_parent = check_die_with_parent(die_with_parent)
     _reap_stragglers()
     await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: start nothing
-    proc, reader = _start(func, args, ctx, new_process_group, die_with_parent)
+    proc, reader = await _start(func, args, ctx, new_process_group, die_with_parent)
     pid = cast(int, proc.pid)
     inbox = _Inbox(reader)
     try:

@@ -33,9 +33,12 @@ reaps it).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from multiprocessing import forkserver, popen_fork, reduction, resource_tracker, spawn, util
 from multiprocessing.context import set_spawning_popen
 from typing import TYPE_CHECKING
@@ -56,6 +59,8 @@ from ._watchers.pidfd import _readable_now
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
     from multiprocessing.process import BaseProcess
+
+_Around = Callable[[], AbstractContextManager[object]]
 
 # How long a cancelled forkserver start waits for the pid of the child it must
 # kill, and then for the server's report of its death.  The server forks at
@@ -158,24 +163,31 @@ class _ForkServerWithoutData(ForkServerPopen):
             os.close(fd)
 
 
-async def launch_async(process_obj: BaseProcess, ctx: BaseContext) -> popen_fork.Popen:
+async def launch_async(
+    process_obj: BaseProcess,
+    ctx: BaseContext,
+    around_launch: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+) -> popen_fork.Popen:
     """Start *process_obj*'s child as ``launch()`` does, waiting only in the event loop.
 
-    Fails, and is cancelled, leaving nothing open or running.
+    Fails, and is cancelled, leaving nothing open or running.  *around_launch*
+    is entered around the synchronous part that creates the child (the fork,
+    the vfork + exec, the request to the fork server), never across an await.
     """
     method = ctx.get_start_method()
     try:
         if method == "spawn":
-            return await _spawn(process_obj)
+            return await _spawn(process_obj, around_launch)
         if method == "forkserver":
-            return await _through_fork_server(process_obj)
+            return await _through_fork_server(process_obj, around_launch)
     except OSError as exc:
         error = start_error(exc)
         if error is exc:
             raise
         raise error from exc
     # fork, and a start method of someone else's making: one call, nothing to await.
-    return launch(process_obj, ctx)
+    with around_launch():
+        return launch(process_obj, ctx)
 
 
 async def _write_all(fd: int, data: memoryview) -> None:
@@ -189,8 +201,9 @@ async def _write_all(fd: int, data: memoryview) -> None:
             await anyio.wait_writable(fd)
 
 
-async def _spawn(process_obj: BaseProcess) -> popen_fork.Popen:
-    popen = _SpawnWithoutData(process_obj)
+async def _spawn(process_obj: BaseProcess, around_launch: _Around) -> popen_fork.Popen:
+    with around_launch():
+        popen = _SpawnWithoutData(process_obj)
     try:
         await _write_all(popen.data_fd, popen.data)
     except BaseException:
@@ -201,14 +214,16 @@ async def _spawn(process_obj: BaseProcess) -> popen_fork.Popen:
     return popen
 
 
-async def _through_fork_server(process_obj: BaseProcess) -> popen_fork.Popen:
+async def _through_fork_server(
+    process_obj: BaseProcess, around_launch: _Around
+) -> popen_fork.Popen:
     """Ask the fork server for the child, once more if it was going away (as ``launch``)."""
     try:
-        return await _fork_server_once(process_obj)
+        return await _fork_server_once(process_obj, around_launch)
     except (ConnectionError, EOFError):
         await _until_fork_server_exited()
     try:
-        return await _fork_server_once(process_obj)
+        return await _fork_server_once(process_obj, around_launch)
     except EOFError as exc:
         await _until_fork_server_exited()
         raise fork_server_died() from exc
@@ -221,8 +236,9 @@ async def _until_fork_server_exited() -> None:
             await anyio.sleep(0.001)
 
 
-async def _fork_server_once(process_obj: BaseProcess) -> popen_fork.Popen:
-    popen = _ForkServerWithoutData(process_obj)
+async def _fork_server_once(process_obj: BaseProcess, around_launch: _Around) -> popen_fork.Popen:
+    with around_launch():
+        popen = _ForkServerWithoutData(process_obj)
     try:
         await anyio.wait_readable(popen.sentinel)
         popen.pid = forkserver.read_signed(popen.sentinel)

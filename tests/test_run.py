@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import uvloop
 
@@ -784,6 +785,41 @@ async def test_sigint_mask_is_restored_after_start() -> None:
         await aioproc.run(targets.noop, context="spawn")
         await aioproc.run(targets.noop, context="fork")
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+
+
+async def test_start_waits_in_the_loop_with_sigint_blocked_only_while_creating_the_child() -> None:
+    """4 MiB of arguments for a spawn child: ``run`` writes them as the child reads,
+    other tasks run meanwhile, and none of them sees SIGINT blocked (a child they
+    started would inherit the mask)."""
+    seen: list[bool] = []
+    done = anyio.Event()
+
+    async def other_task() -> None:
+        while not done.is_set():
+            seen.append(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+            await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(DEADLINE):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_task)
+            await anyio.lowlevel.checkpoint()
+            turns = len(seen)
+            started = aioproc.AsyncProcess._start_async
+            turns_during_start = 0
+
+            async def counting_start(self: aioproc.AsyncProcess, around: Any) -> None:
+                nonlocal turns_during_start
+                before = len(seen)
+                await started(self, around)
+                turns_during_start = len(seen) - before
+
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(aioproc.AsyncProcess, "_start_async", counting_start)
+                assert await aioproc.run(len, b"x" * (4 << 20), context="spawn") == 4 << 20
+            done.set()
+    assert len(seen) > turns
+    assert turns_during_start > 0
+    assert not any(seen)
 
 
 # -- misuse -------------------------------------------------------------------------------------
