@@ -329,3 +329,18 @@ def test_a_child_unpickling_its_process_does_not_import_the_loop_machinery() -> 
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_preloading_aioproc_spares_each_forkserver_child_its_imports() -> None:
+    """``set_forkserver_preload(["aioproc"])`` loads what a child needs to unpickle its
+    process object, and not the loop machinery; the children it forks import nothing."""
+    script = (
+        "import sys, aioproc\n"
+        "needed = ['aioproc._process', 'aioproc._popen', 'aioproc._usage', 'aioproc._tree']\n"
+        "heavy = ['anyio', 'asyncio', 'trio', 'aioproc._run', 'aioproc._watchers', 'dataclasses']\n"
+        "missing = [m for m in needed if m not in sys.modules]\n"
+        "print(missing, [m for m in heavy if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] []"
