@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import anyio
 
 import aioproc
-from aioproc._watchers import WATCHERS, Place, pidfd
+from aioproc._watchers import why_unavailable
 
 from ._children import noop, stamp_and_exit, stamp_and_exit_async
 from ._system import cpu_seconds, os_threads
@@ -98,10 +98,7 @@ class Way:
                 return f"{module} is not installed (pip install aioproc[bench])"
         if self.kind != "aioproc" or self.watcher is None:
             return None
-        if self.watcher == "pidfd" and not pidfd.is_supported():
-            return "this kernel or sandbox has no pidfd_open"
-        place = Place(start_method, main_thread=True, uvloop=self.backend == "uvloop")
-        return WATCHERS[self.watcher].unavailable(place)
+        return why_unavailable(self.watcher, start_method, uvloop=self.backend == "uvloop")
 
 
 RAW = Way("raw")

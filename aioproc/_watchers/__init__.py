@@ -103,6 +103,20 @@ def choose(place: Place) -> type[Watch]:
     return ThreadWatch
 
 
+def why_unavailable(
+    name: str, start_method: str, *, uvloop: bool = False, main_thread: bool = True
+) -> str | None:
+    """Why watcher *name* cannot serve a *start_method* child (None: it can).
+
+    For the benchmarks and tests, which ask about a place other than the
+    current one: an event loop that is uvloop or not, the main thread or not.
+    """
+    cls = WATCHERS[_check_name(name, "why_unavailable()") or "pidfd"]
+    if cls is PidfdWatch and not pidfd.is_supported():
+        return _NO_PIDFD
+    return cls.unavailable(Place(start_method, main_thread=main_thread, uvloop=uvloop))
+
+
 def attach(cls: type[Watch], popen: Popen) -> Watch:
     """Create the watch for a child that was just started.
 
@@ -151,4 +165,5 @@ __all__ = [
     "get_watcher",
     "set_watcher",
     "usable_at_join",
+    "why_unavailable",
 ]
