@@ -32,6 +32,9 @@ from typing import Any
 import anyio
 
 import aioproc
+import aioproc._child  # imported on first start, when nobody cannot read them
+import aioproc._exit
+import aioproc._start
 from aioproc import AsyncProcess
 
 from .helpers import children_of_this_process, fork_server_fd, open_fds

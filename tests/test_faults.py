@@ -203,24 +203,15 @@ async def test_start_with_descriptors_running_out(watcher: str, context: str) ->
         assert "RLIMIT_NOFILE" in seen[free]
 
 
-FORKSERVER_LEAK = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="CPython's forkserver.connect_to_new_process() loses its first pipe when "
-    "the second os.pipe() fails (3.10-3.14); aioproc cannot reach those descriptors",
-)
-
-
-@pytest.mark.parametrize(
-    "free",
-    [0, 1, 2, pytest.param(3, marks=FORKSERVER_LEAK), pytest.param(4, marks=FORKSERVER_LEAK), 5],
-)
+@pytest.mark.parametrize("free", [0, 1, 2, 3, 4, 5])
 async def test_forkserver_start_with_descriptors_running_out(free: int) -> None:
     """As above, for the fork server: a request needs a socket and two pipes (5).
 
-    A request that fails after connecting kills the stdlib's fork server; the
-    next start() must still work (it waits for that server to go, and starts
-    a new one).
+    CPython's client (``forkserver.connect_to_new_process``) loses its first
+    pipe when the second ``os.pipe()`` fails; aioproc checks the five are free
+    first, so nothing is lost.  A request that fails after connecting kills the
+    stdlib's fork server; the next start() must still work (it waits for that
+    server to go, and starts a new one).
     """
     warm = AsyncProcess(target=targets.noop, context="forkserver")
     warm.start()  # the fork server and the resource tracker, while descriptors are plenty
@@ -248,7 +239,7 @@ async def test_forkserver_start_with_descriptors_running_out(free: int) -> None:
         p.close()
         assert open_fds() - fork_server_fd() == fds
     finally:
-        for fd in open_fds() - fork_server_fd() - fds:  # what the stdlib lost
+        for fd in open_fds() - fork_server_fd() - fds:  # anything lost: closed for the next tests
             os.close(fd)
 
 
@@ -293,9 +284,10 @@ async def test_pidfd_open_fails_after_the_fork(monkeypatch: pytest.MonkeyPatch) 
 
 def p_watcher() -> str | None:
     """The watcher a process started now would get."""
+    from aioproc._popen import ForkPopen
     from aioproc._watchers import Place, choose
 
-    return choose(Place.here("fork")).name
+    return choose(Place.here(ForkPopen)).name
 
 
 def _helpers() -> set[int]:

@@ -25,6 +25,7 @@ import pytest
 import uvloop
 
 import aioproc
+import aioproc._exit
 import aioproc._run
 from aioproc import (
     ProcessDied,
@@ -527,7 +528,7 @@ async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
             ]
             assert tracer.readline() == "holding\n"
             assert state_of(pid) == "t"  # stopped in its exit, not reaped
-            assert pid in aioproc._run._stragglers
+            assert pid in aioproc._exit._stragglers
             assert pid not in [p.pid for p in multiprocessing.active_children()]
             tracer.release()
             fd = os.pidfd_open(pid)
@@ -537,7 +538,7 @@ async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
                 os.close(fd)
             assert state_of(pid) == "Z"
             await aioproc.run(targets.noop)  # the next run reaps it
-        assert aioproc._run._stragglers == {}
+        assert aioproc._exit._stragglers == {}
         assert not pid_exists(pid)
     finally:
         for tracer in tracers:
@@ -548,10 +549,10 @@ async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
 EXIT_SCRIPT = """
 import functools, multiprocessing, sys
 import anyio
-import aioproc, aioproc._run
+import aioproc, aioproc._exit, aioproc._run
 from tests import targets
 
-aioproc._run._KILL_WAIT = 0.3
+aioproc._run._KILL_WAIT = aioproc._exit.KILL_WAIT = 0.3
 
 async def main():
     recv, send = multiprocessing.Pipe(duplex=False)
@@ -879,7 +880,7 @@ def _keyword_argument() -> Any:
             "grace must be",
             id="infinite-grace",
         ),
-        pytest.param(_none_grace, TypeError, "^grace must be a number", id="none-grace"),
+        pytest.param(_none_grace, TypeError, "^grace must be a real number", id="none-grace"),
         pytest.param(
             lambda: aioproc.run(targets.noop, context="nope"),
             ValueError,
