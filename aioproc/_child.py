@@ -55,6 +55,7 @@ from ._popen import Exit, readable_now
 from ._tree import PIDFD_SIGNAL_PROCESS_GROUP, pidfd_group_signals_work
 from ._watchers import Place, choose, usable_at_join
 from ._watchers import pidfd as pidfd_support
+from ._watchers._base import token_here
 from ._watchers.pidfd import PidfdWatch
 from ._watchers.sigchld import ignored as sigchld_ignored
 
@@ -350,7 +351,7 @@ class Child:
                     "cannot close a process while join() waits for it in an event loop of "
                     "another thread; await that join first"
                 )
-            if joiners.token != _token_here():
+            if joiners.token != token_here():
                 self.watch.forget_loop(joiners.token)
         self.watch.close()
         self._release_fds()
@@ -372,13 +373,6 @@ class Child:
         if pidfd >= 0:
             with contextlib.suppress(OSError):
                 os.close(pidfd)
-
-
-def _token_here() -> EventLoopToken | None:
-    try:
-        return current_token()
-    except Exception:
-        return None
 
 
 __all__ = ["Child"]

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import anyio
+from anyio.lowlevel import EventLoopToken, current_token
 
 if TYPE_CHECKING:
-    from anyio.lowlevel import EventLoopToken
-
     from .._popen import AioprocPopen
 
 WatcherName = Literal["pidfd", "sigchld", "sentinel", "thread"]
@@ -69,8 +68,10 @@ class Watch:
         self.popen = popen
         #: The child's pidfd (owned by its handle), or -1.
         self.pidfd = pidfd
-        #: The descriptor a task is waiting on right now, for close() to announce.
+        #: The descriptor a task is waiting on right now, for close() to announce,
+        #: and the event loop it waits in.
         self._parked = -1
+        self._parked_in: EventLoopToken | None = None
 
     @classmethod
     def unavailable(cls, place: Place) -> str | None:
@@ -83,7 +84,7 @@ class Watch:
 
     async def wait_readable(self, fd: int) -> None:
         """``anyio.wait_readable(fd)``, announced by ``close()`` if it is closed meanwhile."""
-        self._parked = fd
+        self._parked, self._parked_in = fd, current_token()
         try:
             await anyio.wait_readable(fd)
         finally:
@@ -91,9 +92,24 @@ class Watch:
 
     def forget_loop(self, token: EventLoopToken) -> None:
         """The event loop of *token* is gone: drop what the watch kept for it."""
+        if self._parked_in == token:
+            self._parked = -1
 
     def close(self) -> None:
-        """Wake a task still waiting (in this loop's thread), and release everything."""
-        if self._parked >= 0:
+        """Wake a task still waiting in this event loop, and release everything.
+
+        A task of a loop that was closed meanwhile will never run again: it is
+        forgotten.  (The child's handle refuses a close while a live loop of
+        another thread waits.)
+        """
+        if self._parked >= 0 and self._parked_in == token_here():
             anyio.notify_closing(self._parked)
-            self._parked = -1
+        self._parked = -1
+
+
+def token_here() -> EventLoopToken | None:
+    """The running event loop's token, or None outside any loop."""
+    try:
+        return current_token()
+    except Exception:  # no event loop in this thread
+        return None

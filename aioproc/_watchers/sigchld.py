@@ -312,6 +312,7 @@ class SigchldWatch(Watch):
             hub.hand_over()
 
     def forget_loop(self, token: EventLoopToken) -> None:
+        super().forget_loop(token)
         hub = self._hub
         if hub is not None and hub.token == token:
             self._leave(hub)
