@@ -217,18 +217,9 @@ class _ReapedHere(_AioprocPopen):
         return os.waitid(os.P_PID, self.pid, _PEEK)
 
     def _collect(self, flag: int) -> None:
-        if self.pidfd >= 0:
-            try:
-                if self._peek() is None and flag == os.WNOHANG:
-                    return
-            except ChildProcessError:
-                if self.owned_here():
-                    self._lost(
-                        "consumed by someone else (os.waitpid(-1, ...) or os.wait() "
-                        "elsewhere in the program, or SIGCHLD set to SIG_IGN)"
-                    )
-                return
         try:
+            if self.pidfd >= 0 and self._peek() is None and flag == os.WNOHANG:
+                return
             pid, status, usage = os.wait4(self.pid, flag)
         except ChildProcessError:
             if self.owned_here():
