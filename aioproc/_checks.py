@@ -87,7 +87,7 @@ def check_die_with_parent(value: object, method: str | None) -> bool:
     if problem is not None:
         raise NotImplementedError(
             f"die_with_parent=True does not work with the {method} start method: "
-            f"{problem}; use a start method without that problem, such as fork or spawn"
+            f"{problem}; use the fork or spawn start method"
         )
     return True
 

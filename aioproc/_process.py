@@ -370,6 +370,8 @@ class AsyncProcess(mp_process.BaseProcess):
         self._check_closed()
         if self._child is None:
             return None
+        if self._parent_pid != os.getpid():  # a forked copy: the child is not ours to poll
+            return self._child.returncode
         return self._child.result()
 
     @property
