@@ -29,6 +29,7 @@ import mmap
 import multiprocessing
 import os
 import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -41,13 +42,13 @@ import aioproc
 from aioproc._watchers import why_unavailable
 
 from ._children import noop, stamp_and_exit, stamp_and_exit_async
+from ._runner import Backend, run_on
 from ._system import cpu_seconds, os_threads
 
 if TYPE_CHECKING:
     from ._progress import Progress
 
 Kind = Literal["raw", "waitid", "sync", "thread", "poll", "aiomultiprocess", "aioproc"]
-Backend = Literal["none", "asyncio", "uvloop", "trio"]
 T = TypeVar("T")
 
 BACKENDS: tuple[Backend, ...] = ("asyncio", "uvloop", "trio")
@@ -115,18 +116,6 @@ def aioproc_way(watcher: str, backend: Backend = "asyncio") -> Way:
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def run_on(backend: Backend, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run the coroutine function *fn* in a fresh event loop of *backend*."""
-    if backend == "trio":
-        return anyio.run(fn, *args, backend="trio")
-    options: dict[str, Any] = {}
-    if backend == "uvloop":
-        import uvloop
-
-        options["loop_factory"] = uvloop.new_event_loop
-    return anyio.run(fn, *args, backend="asyncio", backend_options=options)
 
 
 @contextlib.contextmanager
@@ -245,15 +234,13 @@ _OPS: dict[str, type[_Ops]] = {
 
 
 def shutdown_extras() -> None:
-    """Stop the manager process aiomultiprocess starts for its namespaces."""
-    try:
-        import aiomultiprocess.core
-    except ImportError:
-        return
-    manager = aiomultiprocess.core._manager
-    if manager is not None:
-        manager.shutdown()
-        aiomultiprocess.core._manager = None
+    """Stop the helper processes that libraries keep for the whole run."""
+    from ._peers import stop_aiomultiprocess_manager, stop_loky_resource_tracker
+
+    if "aiomultiprocess.core" in sys.modules:
+        stop_aiomultiprocess_manager()
+    if "loky.backend.resource_tracker" in sys.modules:
+        stop_loky_resource_tracker()
 
 
 # -- scenario building blocks: a latency batch, a throughput run -------------
