@@ -25,7 +25,7 @@ import anyio
 
 from aioproc import AsyncProcess
 
-from ._children import stamp_and_exit, wait_on_fifo
+from ._children import Barrier, stamp_and_exit, wait_on_fifo
 from ._system import (
     mem_available_bytes,
     mem_total_bytes,
@@ -34,7 +34,6 @@ from ._system import (
     raise_fd_limit,
     rss_bytes,
 )
-from ._ways import Barrier
 
 if TYPE_CHECKING:
     from ._progress import Progress

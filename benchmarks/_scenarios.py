@@ -179,8 +179,8 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
 
     if 7 in chosen:
         sizes = settings.calls
-        section = {"sizes": sizes.as_json(), "speed": [], "semantics": []}
-        results["calls"] = section
+        calls: dict[str, Any] = {"sizes": sizes.as_json(), "speed": [], "semantics": []}
+        results["calls"] = calls
         for peer in settings.peers():
             if settings.only and not any(peer.matches(term) for term in settings.only):
                 continue
@@ -189,8 +189,8 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
                 skipped.append({"scenario": "7", "way": peer.label, "reason": reason})
                 continue
             if peer.timed:
-                steps.append(_calls_step(peer, "speed", section["speed"], sizes))
-            steps.append(_calls_step(peer, "semantics", section["semantics"], sizes))
+                steps.append(_calls_step(peer, "speed", calls["speed"], sizes))
+            steps.append(_calls_step(peer, "semantics", calls["semantics"], sizes))
     return steps
 
 
