@@ -201,5 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     text.append(f"Raw figures: {args.json}")
     if results["children_left"]:
         text.append(f"ERROR: children left behind: {results['children_left']}")
-    print("\n".join(text))
+    text.append(f"The run took {results['duration_seconds']:.0f} s.")
+    print(_report.wrap("\n".join(text)))
     return 1 if results["children_left"] else 0

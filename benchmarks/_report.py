@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +12,29 @@ from ._stats import percentile, ratio, summary
 from ._ways import BACKENDS, HOW
 
 # -- formatting ----------------------------------------------------------------
+
+
+#: No line of the output is wider than this (a terminal's width, with room to spare).
+WIDTH = 120
+
+
+def wrap(text: str, width: int = WIDTH) -> str:
+    """*text* with every prose line longer than *width* wrapped; table rows and
+    headings are left as they are (they are made to fit)."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if len(line) <= width or line.startswith(("|", "#")):
+            out.append(line)
+            continue
+        indent = "  " if line.startswith("- ") else ""
+        out += textwrap.wrap(
+            line,
+            width,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    return "\n".join(out)
 
 
 def ms(seconds: float) -> str:
@@ -570,8 +594,8 @@ def _scale_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
         flat = growth["aioproc"] <= 1.25 * max(growth["fork"], 1.0)
         found.append(
             {
-                "target": f"6: aioproc start() flat from 0 to {last['live']} live children "
-                "(grows no more than a bare fork's, +25%)",
+                "target": f"6: start() flat up to {last['live']} live children "
+                "(grows <= fork's +25%)",
                 "measured": ", ".join(f"{k} {times(v)}" for k, v in growth.items()),
                 "verdict": _verdict(None if math.isnan(growth["aioproc"]) else flat),
                 "values": growth,
