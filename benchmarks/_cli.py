@@ -68,6 +68,12 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         help="start method of scenario 6's children (forkserver ones are smaller)",
     )
     parser.add_argument(
+        "--scale-parent",
+        choices=["this", "lean"],
+        help="who starts scenario 6's children: this process (default), or a lean one that "
+        "imports only aioproc, so that this process's size does not decide the result",
+    )
+    parser.add_argument(
         "--scenarios", type=_int_list, metavar="1,2,...", help="which scenarios to run (1-7)"
     )
     parser.add_argument(
@@ -103,6 +109,8 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         settings.scale = args.scale
     if args.scale_method is not None:
         settings.scale_method = args.scale_method
+    if args.scale_parent is not None:
+        settings.scale_parent = args.scale_parent
     if args.seed is not None:
         settings.seed = args.seed
     if args.only:

@@ -335,7 +335,13 @@ def _scale(section: dict[str, Any]) -> list[str]:
         *table(["live children", "bare fork ms", "stdlib start() ms", "aioproc start() ms"], rows),
         "",
         f"Reached {section['reached']} concurrent children (asked {section['asked']}); "
-        f"one asyncio loop joined them all in {section['join_seconds']:.2f} s.",
+        f"one asyncio loop joined them all in {section['join_seconds']:.2f} s. "
+        + (
+            "The ramp ran in a lean parent that only starts the children"
+            if section.get("parent") == "lean"
+            else "The ramp ran in the benchmark's own process"
+        )
+        + f" ({section.get('parent_rss', 0) / 2**20:.0f} MiB resident when it began).",
         "Private memory of a sleeping child (smaps_rollup): "
         + ", ".join(f"{kind} {mib:.2f} MiB" for kind, mib in private.items())
         + ".",

@@ -14,7 +14,7 @@ from . import _calls
 from ._peers import CallPeer
 from ._progress import Progress
 from ._runner import run_on
-from ._scale import run_scale
+from ._scale import run_scale, run_scale_lean
 from ._settings import START_METHODS, Settings
 from ._startblock import measure as measure_start_blocks
 from ._ways import (
@@ -169,13 +169,17 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
 
         def scale(progress: Progress) -> dict[str, Any]:
             gc.collect()
-            record = run_scale(
-                settings.scale, settings.scale_samples, progress, settings.scale_method
-            ).as_json()
+            args = (settings.scale, settings.scale_samples, progress, settings.scale_method)
+            if settings.scale_parent == "lean":
+                record = run_scale_lean(*args)
+            else:
+                record = run_scale(*args).as_json()
             results["scale"] = record
             return record
 
-        steps.append(Step(f"6 scale to {top} {settings.scale_method} children", units, scale))
+        where = " from a lean parent" if settings.scale_parent == "lean" else ""
+        title = f"6 scale to {top} {settings.scale_method} children{where}"
+        steps.append(Step(title, units, scale))
 
     if 7 in chosen:
         sizes = settings.calls

@@ -68,6 +68,8 @@ class Settings:
     #: Start method of the ramp's children: forkserver children are forked
     #: from the small fork server, not from this big process, and so are small.
     scale_method: str = "fork"
+    #: Who ramps up: "this" process, or a "lean" one that does nothing else.
+    scale_parent: str = "this"
     #: "default" compares the headline ways; "full" every watcher on every loop.
     matrix: str = "default"
     #: Loops on which scenario 1 also runs the sigchld, sentinel and thread
