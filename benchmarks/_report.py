@@ -579,7 +579,7 @@ def _lag_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
     ours = _pidfd(_by_way(section["runs"]))
     return [
         _target(
-            "5: loop lag p99 <= 1 ms while waiting (pidfd)",
+            "5: loop lag p99 <= 1 ms while joining (pidfd)",
             {b: _stat(r, "lags", "p99") for b, r in ours.items()},
             lambda v: v <= 0.001,
             list(ours.values()),
@@ -600,8 +600,7 @@ def _scale_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
         flat = growth["aioproc"] <= 1.25 * max(growth["fork"], 1.0)
         found.append(
             {
-                "target": f"6: start() flat up to {last['live']} live children "
-                "(grows <= fork's +25%)",
+                "target": f"6: start() flat to {last['live']} live (growth <= fork's +25%)",
                 "measured": ", ".join(f"{k} {times(v)}" for k, v in growth.items()),
                 "verdict": _verdict(None if math.isnan(growth["aioproc"]) else flat),
                 "values": growth,
