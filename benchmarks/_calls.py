@@ -68,13 +68,17 @@ class CallSizes:
     workers: int = 2
     sequential: int = 200
     concurrent: int = 2000
-    #: ``aioproc.run`` forks a child per call: its concurrent calls are fewer.
-    concurrent_fresh: int = 200
+    #: The slow ways (``aioproc.run`` forks a child per call; Dask) make fewer.
+    concurrent_slow: int = 200
     cpu_calls: int = 40
     cpu_seconds: float = 0.05
     #: Semantics: the probe function sleeps this long; the timeout given to it.
     hold: float = 2.0
     timeout: float = 0.5
+
+    def concurrent_of(self, peer: CallPeer) -> int:
+        """How many concurrent calls *peer* makes."""
+        return self.concurrent_slow if peer.slow else self.concurrent
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +106,7 @@ async def _concurrently(call: Call, n: int, fn: Callable[..., Any], *args: Any) 
 async def _measure(peer: CallPeer, sizes: CallSizes, progress: Progress) -> dict[str, Any]:
     threads_before = _system.os_threads()
     peak = [threads_before]
-    concurrent = sizes.concurrent_fresh if peer.label == "aioproc.run" else sizes.concurrent
+    concurrent = sizes.concurrent_of(peer)
     latencies: list[float] = []
     async with peer.open(sizes.workers) as call, anyio.create_task_group() as helpers:
         helpers.start_soon(_watch_threads, peak)

@@ -59,6 +59,8 @@ class CallPeer:
     needs: tuple[str, ...] = ()
     #: False: a variant that only the semantics table shows (same speed as another row).
     timed: bool = True
+    #: Slow enough per call that the scenario makes fewer concurrent calls.
+    slow: bool = False
     #: Another reason it may not run here, beyond a missing module.
     check: Callable[[], str | None] | None = None
 
@@ -243,6 +245,9 @@ async def _local_cluster(workers: int) -> AsyncIterator[Any]:
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
+            # No dashboard, and its HTTP server on a free port: the default 8787
+            # may be taken, and the warning that says so would be an error here.
+            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
             asynchronous=True,
         ) as cluster:
             yield cluster
@@ -309,7 +314,7 @@ POOL = CallPeer(
 )
 PEERS: tuple[CallPeer, ...] = (
     POOL,
-    CallPeer("aioproc.run", "aioproc.run(..., context='fork'): a fresh child per call"),
+    CallPeer("aioproc.run", "aioproc.run(..., context='fork'): a fresh child per call", slow=True),
     CallPeer("anyio.to_process", "anyio.to_process.run_sync (its defaults)"),
     CallPeer("anyio cancellable", "anyio.to_process.run_sync(cancellable=True)", timed=False),
     CallPeer("ProcessPoolExecutor", "concurrent.futures.ProcessPoolExecutor, run_in_executor"),
@@ -333,10 +338,12 @@ PEERS: tuple[CallPeer, ...] = (
         "dask submit",
         "dask.distributed Client.submit, LocalCluster of 2 worker processes",
         needs=("distributed",),
+        slow=True,
     ),
     CallPeer(
         "aioproc DaskPool",
         "aioproc.dask.DaskPool on the same LocalCluster",
         needs=("distributed", "aioproc.dask"),
+        slow=True,
     ),
 )

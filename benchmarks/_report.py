@@ -388,7 +388,7 @@ def _calls(section: dict[str, Any]) -> list[str]:
         *_footnote(section["speed"]),
         f"p50/p99: {sizes['sequential']} sequential calls of a function that returns at once. "
         f"calls/s: {sizes['concurrent']:,} such calls at once",
-        f"(aioproc.run: {sizes['concurrent_fresh']}, a fork each), and the parent's CPU time "
+        f"({sizes['concurrent_slow']} for aioproc.run and Dask), and the parent's CPU time "
         f"per call meanwhile. CPU-bound: {sizes['cpu_calls']} calls",
         f"of {sizes['cpu_seconds'] * 1e3:.0f} ms of CPU each, wall time against the ideal "
         f"{ideal:.2f} s. threads: the most the parent had beyond those before.",

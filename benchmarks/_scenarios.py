@@ -202,8 +202,11 @@ def _calls_step(
     peer: CallPeer, what: str, into: list[dict[str, Any]], sizes: _calls.CallSizes
 ) -> Step:
     run = _calls.measure if what == "speed" else _calls.semantics
-    fresh = sizes.concurrent_fresh if peer.label == "aioproc.run" else sizes.concurrent
-    units = sizes.sequential + fresh + sizes.cpu_calls if what == "speed" else len(_calls.PROBES)
+    units = (
+        sizes.sequential + sizes.concurrent_of(peer) + sizes.cpu_calls
+        if what == "speed"
+        else len(_calls.PROBES)
+    )
 
     def step(progress: Progress) -> dict[str, Any]:
         gc.collect()

@@ -172,7 +172,7 @@ def preset(name: str) -> Settings:
             calls=CallSizes(
                 sequential=20,
                 concurrent=100,
-                concurrent_fresh=10,
+                concurrent_slow=10,
                 cpu_calls=4,
                 cpu_seconds=0.02,
                 hold=1.0,
