@@ -238,8 +238,8 @@ async def _local_cluster(workers: int) -> AsyncIterator[Any]:
     import dask
     from distributed import LocalCluster
 
-    with dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "error"}):
-        async with LocalCluster(
+    with dask.config.set({"distributed.worker.daemon": False}):
+        async with LocalCluster(  # type: ignore[no-untyped-call,unused-ignore]
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
@@ -259,7 +259,7 @@ async def _dask_submit(workers: int) -> AsyncIterator[Call]:
 
     async with (
         _local_cluster(workers) as cluster,
-        Client(cluster, asynchronous=True) as client,
+        Client(cluster, asynchronous=True) as client,  # type: ignore[no-untyped-call,unused-ignore]
     ):
 
         async def call(fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
