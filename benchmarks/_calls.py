@@ -68,8 +68,10 @@ class CallSizes:
     workers: int = 2
     sequential: int = 200
     concurrent: int = 2000
-    #: The slow ways (``aioproc.run`` forks a child per call; Dask) make fewer.
+    #: The slow ways (``aioproc.run`` forks a child per call; Dask) make fewer
+    #: concurrent calls, and Dask fewer sequential ones.
     concurrent_slow: int = 200
+    sequential_slow: int = 100
     cpu_calls: int = 40
     cpu_seconds: float = 0.05
     #: Semantics: the probe function sleeps this long; the timeout given to it.
@@ -79,6 +81,10 @@ class CallSizes:
     def concurrent_of(self, peer: CallPeer) -> int:
         """How many concurrent calls *peer* makes."""
         return self.concurrent_slow if peer.slow else self.concurrent
+
+    def sequential_of(self, peer: CallPeer) -> int:
+        """How many sequential calls *peer* makes."""
+        return self.sequential_slow if peer.cluster else self.sequential
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,7 +120,7 @@ async def _measure(peer: CallPeer, sizes: CallSizes, progress: Progress) -> dict
         await _concurrently(call, 2 * sizes.workers, trivial)
         for _ in range(5):
             await call(trivial)
-        for _ in range(sizes.sequential):
+        for _ in range(sizes.sequential_of(peer)):
             t = time.perf_counter()
             value = await call(trivial)
             latencies.append(time.perf_counter() - t)
