@@ -61,6 +61,8 @@ class CallPeer:
     timed: bool = True
     #: Slow enough per call that the scenario makes fewer concurrent calls.
     slow: bool = False
+    #: A Dask cluster: slower still, and fewer sequential calls too.
+    cluster: bool = False
     #: Another reason it may not run here, beyond a missing module.
     check: Callable[[], str | None] | None = None
 
@@ -339,11 +341,13 @@ PEERS: tuple[CallPeer, ...] = (
         "dask.distributed Client.submit, LocalCluster of 2 worker processes",
         needs=("distributed",),
         slow=True,
+        cluster=True,
     ),
     CallPeer(
         "aioproc DaskPool",
         "aioproc.dask.DaskPool on the same LocalCluster",
         needs=("distributed", "aioproc.dask"),
         slow=True,
+        cluster=True,
     ),
 )

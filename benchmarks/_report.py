@@ -386,7 +386,8 @@ def _calls(section: dict[str, Any]) -> list[str]:
         *table([*headers, "threads"], rows),
         "",
         *_footnote(section["speed"]),
-        f"p50/p99: {sizes['sequential']} sequential calls of a function that returns at once. "
+        f"p50/p99: {sizes['sequential']} sequential calls of a function that returns at once "
+        f"({sizes['sequential_slow']} for Dask). "
         f"calls/s: {sizes['concurrent']:,} such calls at once",
         f"({sizes['concurrent_slow']} for aioproc.run and Dask), and the parent's CPU time "
         f"per call meanwhile. CPU-bound: {sizes['cpu_calls']} calls",

@@ -203,7 +203,7 @@ def _calls_step(
 ) -> Step:
     run = _calls.measure if what == "speed" else _calls.semantics
     units = (
-        sizes.sequential + sizes.concurrent_of(peer) + sizes.cpu_calls
+        sizes.sequential_of(peer) + sizes.concurrent_of(peer) + sizes.cpu_calls
         if what == "speed"
         else len(_calls.PROBES)
     )

@@ -173,6 +173,7 @@ def preset(name: str) -> Settings:
                 sequential=20,
                 concurrent=100,
                 concurrent_slow=10,
+                sequential_slow=10,
                 cpu_calls=4,
                 cpu_seconds=0.02,
                 hold=1.0,
