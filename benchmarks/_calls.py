@@ -372,7 +372,10 @@ def measure(peer: CallPeer, sizes: CallSizes, progress: Progress) -> dict[str, A
     every process it left is killed and reaped, and its threads counted."""
     threads = _system.os_threads()
     with _system.adopting_orphans() as left:
-        record: dict[str, Any] = run_on(peer.backend, _measure, peer, sizes, progress)
+        try:
+            record: dict[str, Any] = run_on(peer.backend, _measure, peer, sizes, progress)
+        except Exception as exc:  # a peer that fails here is reported, and the run goes on
+            record = {"way": peer.label, "error": f"{type(exc).__name__}: {exc}"}
     record["left_processes"] = left
     record["left_threads"] = _system.threads_back_to(threads, within=2.0)
     return record

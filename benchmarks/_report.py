@@ -123,7 +123,7 @@ def render(results: dict[str, Any]) -> str:
         out += _lag(results["lag"], results.get("throughput"))
     if "scale" in results:
         out += _scale(results["scale"])
-    if "calls" in results:
+    if results.get("calls", {}).get("semantics"):
         out += _calls(results["calls"])
     targets = results.get("targets", [])
     if targets:
@@ -366,6 +366,8 @@ def _calls(section: dict[str, Any]) -> list[str]:
     ideal = sizes["cpu_calls"] * sizes["cpu_seconds"] / sizes["workers"]
     rows = []
     for run in section["speed"]:
+        if "error" in run:
+            continue
         s = summary(run["latencies"])
         rows.append(
             [
@@ -451,6 +453,9 @@ def _calls(section: dict[str, Any]) -> list[str]:
                 )
     if left:
         lines += ["Left behind:", "", *left, ""]
+    failed = [f"- {r['way']}: {r['error']}" for r in section["speed"] if "error" in r]
+    if failed:
+        lines += ["Failed (no speed figures):", "", *failed, ""]
     return lines
 
 
@@ -622,7 +627,7 @@ def _scale_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _calls_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
-    speed = _by_way(section["speed"])
+    speed = _by_way([r for r in section["speed"] if "error" not in r])
     pool = speed.get("aioproc.Pool")
     peers = {w: r for w, r in speed.items() if not _is_ours(w)}
     semantics = _by_way(section["semantics"]).get("aioproc.Pool")

@@ -125,6 +125,7 @@ def test_calls_figures(quick_run: dict[str, Any]) -> None:
     ways |= {"aioproc.Pool"} - skipped
     assert set(speed) == set(semantics) == ways
     for way, run in speed.items():
+        assert "error" not in run, run
         assert len(run["latencies"]) == sizes["sequential"], way  # none is a Dask cluster
         assert all(0 < x < 60 for x in run["latencies"]), way
         assert run["per_second"] > 0, way
