@@ -36,14 +36,25 @@ def hold(report: str, seconds: float, grandchild: bool) -> str:
     then sleep *seconds* and return ``"finished"``."""
     pids = [os.getpid()]
     if grandchild:
-        # posix_spawn, not Popen: no object whose collection warns about a
-        # process still running, in a worker that may exit at any time.
-        pids.append(os.posix_spawnp("sleep", ["sleep", "1000"], os.environ))
+        pids.append(_spawn_sleep())
     with open(report + ".part", "w") as f:
         f.write(" ".join(str(pid) for pid in pids))
     os.rename(report + ".part", report)
     time.sleep(seconds)
     return "finished"
+
+
+def _spawn_sleep() -> int:
+    """Start ``sleep 1000`` as ``subprocess.Popen`` would: stdio only, every other
+    descriptor closed (a pool's pipes held by the grandchild would change what
+    the pool sees).  Not Popen itself: its object, collected while the process
+    runs, warns, in a worker that may exit at any time."""
+    close = [
+        (os.POSIX_SPAWN_CLOSE, fd)
+        for fd in (int(name) for name in os.listdir("/proc/self/fd"))
+        if fd > 2
+    ]
+    return os.posix_spawnp("sleep", ["sleep", "1000"], os.environ, file_actions=close)
 
 
 def raise_value_error() -> None:

@@ -325,12 +325,24 @@ async def _probe(
     """One probe with a fresh pool; the cells it filled, and what went wrong besides."""
     cells: dict[str, Cell] = {}
     errors: list[str] = []
+    fired: list[bool] = []
+
+    async def watchdog() -> None:
+        # A peer may wait for its worker shielded from cancellation: killing the
+        # processes the function reported is what ends such a wait.
+        await anyio.sleep(sizes.hold + _START_WAIT)
+        fired.append(True)
+        _kill(_read_pids(report))
+
     try:
-        # A hang guard, well beyond every wait a probe makes itself.
-        with anyio.move_on_after(sizes.hold + _START_WAIT + 3 * _CRASH_WAIT) as guard:
-            async with peer.open(sizes.workers) as call:
-                cells = await probe(call, sizes, report)
-        if guard.cancelled_caught:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watchdog)
+            # A hang guard, well beyond every wait a probe makes itself.
+            with anyio.move_on_after(sizes.hold + _START_WAIT + 3 * _CRASH_WAIT) as guard:
+                async with peer.open(sizes.workers) as call:
+                    cells = await probe(call, sizes, report)
+            tg.cancel_scope.cancel()
+        if guard.cancelled_caught or fired:
             cells = {name: Cell(False, "no: hung") for name in names}
     except Exception as exc:
         errors.append(f"{names[0]}: {exc!r}")
