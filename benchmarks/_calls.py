@@ -75,7 +75,7 @@ class CallSizes:
     cpu_calls: int = 40
     cpu_seconds: float = 0.05
     #: Semantics: the probe function sleeps this long; the timeout given to it.
-    hold: float = 2.0
+    hold: float = 1.5
     timeout: float = 0.5
 
     def concurrent_of(self, peer: CallPeer) -> int:

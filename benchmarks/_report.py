@@ -357,6 +357,10 @@ def _scale(section: dict[str, Any]) -> list[str]:
     return [*lines, "", *_footnote([section])]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
 def _is_ours(way: str) -> bool:
     return way.startswith("aioproc")
 
@@ -443,13 +447,13 @@ def _calls(section: dict[str, Any]) -> list[str]:
         for r in section[what]:
             if r["left_processes"]:
                 left.append(
-                    f"- {r['way']} ({what}): {len(r['left_processes'])} processes still running "
-                    "after its pool was shut down (killed)"
+                    f"- {r['way']} ({what}): {_count(len(r['left_processes']), 'process')} "
+                    "still running after its pool was shut down (killed)"
                 )
             if r["left_threads"]:
                 left.append(
-                    f"- {r['way']} ({what}): {r['left_threads']} threads still there 2 s after "
-                    "its event loop ended"
+                    f"- {r['way']} ({what}): {_count(r['left_threads'], 'thread')} still there "
+                    "2 s after its event loop ended"
                 )
     if left:
         lines += ["Left behind:", "", *left, ""]
