@@ -190,9 +190,10 @@ async def _gone_within(pids: list[int], seconds: float) -> list[float | None]:
 
 
 def _kill(pids: list[int]) -> None:
-    """Kill the processes in *pids* that are still running."""
+    """Kill the processes in *pids* that are still running (and still ours: a pid
+    that was freed and given to a stranger is left alone)."""
     for pid in pids:
-        if not _system.process_gone(pid):
+        if not _system.process_gone(pid) and _system.is_descendant(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

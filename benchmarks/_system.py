@@ -187,6 +187,28 @@ def process_gone(pid: int) -> bool:
     return state in (b"Z", b"X")
 
 
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def is_descendant(pid: int) -> bool:
+    """Whether *pid* is a child of this process, or a child of one, and so on
+    (a pid whose process is gone and that was reused elsewhere is not)."""
+    me, seen = os.getpid(), 0
+    while pid > 1 and seen < 64:
+        parent = _parent_of(pid)
+        if parent is None:
+            return False
+        if parent == me:
+            return True
+        pid, seen = parent, seen + 1
+    return False
+
+
 def threads_back_to(count: int, within: float) -> int:
     """Wait up to *within* seconds for this process to be back to *count* threads;
     return how many more it has then (0: every thread started meanwhile ended)."""
