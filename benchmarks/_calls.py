@@ -8,7 +8,9 @@ against the ideal (their CPU time divided by the workers), and the most threads
 the parent had beyond those before the pool existed.
 
 Semantics, measured by running each peer (nothing is taken from its docs), each
-probe with a fresh pool so that one probe's damage cannot decide the next:
+probe with a fresh pool in a fresh event loop, so that one probe's damage
+cannot decide the next; a watchdog kills the probe's processes if a peer waits
+for them shielded from cancellation, and the cells then say "hung":
 
 - timeout: a call of ``hold`` (which sleeps) with a 0.5 s timeout; "yes" when
   it raised a ``TimeoutError`` at about 0.5 s and the process that ran the
