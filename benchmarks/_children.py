@@ -76,7 +76,39 @@ def noop() -> None:
     """Return at once, through the normal ``multiprocessing`` exit path."""
 
 
+async def noop_async() -> None:
+    """The same, as a coroutine function."""
+
+
+class Barrier:
+    """A pipe every child blocks on until the parent closes the write end."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe()
+
+    @property
+    def ends(self) -> tuple[int, int]:
+        return self.read_end, self.write_end
+
+    def release(self) -> None:
+        if self.write_end >= 0:
+            os.close(self.write_end)
+            self.write_end = -1
+
+    def close(self) -> None:
+        self.release()
+        if self.read_end >= 0:
+            os.close(self.read_end)
+            self.read_end = -1
+
+
 def take(data: bytes) -> None:
     """A child that only receives its argument (scenario 5's start blocking)."""
     if not data:
         os._exit(CHILD_FAILED)
+
+
+def print_pid_then_sleep(tag: str, seconds: float) -> None:
+    """Print ``TAG PID`` on stdout, then sleep (the pdeathsig benchmark's children)."""
+    print(tag, os.getpid(), flush=True)
+    time.sleep(seconds)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing.forkserver
-import multiprocessing.resource_tracker
 import os
 import sys
 import time
@@ -70,7 +68,13 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         help="start method of scenario 6's children (forkserver ones are smaller)",
     )
     parser.add_argument(
-        "--scenarios", type=_int_list, metavar="1,2,...", help="which scenarios to run (1-6)"
+        "--scale-parent",
+        choices=["this", "lean"],
+        help="who starts scenario 6's children: this process (default), or a lean one that "
+        "imports only aioproc, so that this process's size does not decide the result",
+    )
+    parser.add_argument(
+        "--scenarios", type=_int_list, metavar="1,2,...", help="which scenarios to run (1-7)"
     )
     parser.add_argument(
         "--only",
@@ -105,6 +109,8 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
         settings.scale = args.scale
     if args.scale_method is not None:
         settings.scale_method = args.scale_method
+    if args.scale_parent is not None:
+        settings.scale_parent = args.scale_parent
     if args.seed is not None:
         settings.seed = args.seed
     if args.only:
@@ -112,7 +118,7 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     if args.scenarios is not None:
         unknown = sorted(set(args.scenarios) - set(SCENARIOS))
         if unknown:
-            parser.error(f"--scenarios takes numbers 1-6, got {unknown}")
+            parser.error(f"--scenarios takes numbers 1-7, got {unknown}")
         chosen = set(args.scenarios)
         chosen |= {NEEDS[s] for s in chosen if s in NEEDS}
         settings.scenarios = sorted(chosen)
@@ -121,11 +127,7 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
 
 def _children_left() -> list[int]:
     """Our children still there, apart from the fork server and resource tracker."""
-    keep = {
-        getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
-        getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None),
-    }
-    return sorted(_system.children() - keep)
+    return sorted(_system.children() - _system.long_lived_helpers())
 
 
 def _header(results: dict[str, Any], argv: list[str]) -> list[str]:
@@ -207,5 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     text.append(f"Raw figures: {args.json}")
     if results["children_left"]:
         text.append(f"ERROR: children left behind: {results['children_left']}")
-    print("\n".join(text))
+    text.append(f"The run took {results['duration_seconds']:.0f} s.")
+    print(_report.wrap("\n".join(text)))
     return 1 if results["children_left"] else 0

@@ -7,6 +7,7 @@ from the measured loops, so it costs a clock read unless it redraws.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -85,9 +86,9 @@ class Progress:
         filled = int(fraction * _WIDTH)
         bar = "#" * filled + "-" * (_WIDTH - filled)
         elapsed = now - self.started
-        line = (
-            f"\r\033[K[{bar}] {self.step}/{self.steps} {elapsed:4.0f}s  "
-            f"{self.label}  {self.done}/{self.total}"
-        )
-        self.stream.write(line)
+        where = f"{self.step}/{self.steps} {elapsed:4.0f}s"
+        line = f"[{bar}] {where}  {self.label}  {self.done}/{self.total}"
+        # One line, never wider than the terminal: a wrapped line cannot be redrawn.
+        width = min(shutil.get_terminal_size().columns - 1, 120)
+        self.stream.write("\r\033[K" + line[:width])
         self.stream.flush()

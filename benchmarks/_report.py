@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +12,29 @@ from ._stats import percentile, ratio, summary
 from ._ways import BACKENDS, HOW
 
 # -- formatting ----------------------------------------------------------------
+
+
+#: No line of the output is wider than this (a terminal's width, with room to spare).
+WIDTH = 120
+
+
+def wrap(text: str, width: int = WIDTH) -> str:
+    """*text* with every prose line longer than *width* wrapped; table rows and
+    headings are left as they are (they are made to fit)."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if len(line) <= width or line.startswith(("|", "#")):
+            out.append(line)
+            continue
+        indent = "  " if line.startswith("- ") else ""
+        out += textwrap.wrap(
+            line,
+            width,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    return "\n".join(out)
 
 
 def ms(seconds: float) -> str:
@@ -99,15 +123,26 @@ def render(results: dict[str, Any]) -> str:
         out += _lag(results["lag"], results.get("throughput"))
     if "scale" in results:
         out += _scale(results["scale"])
+    if results.get("calls", {}).get("semantics"):
+        out += _calls(results["calls"])
     targets = results.get("targets", [])
     if targets:
         out += ["### Targets", ""]
         out += table(
             ["target", "measured (ratio from this run)", "met"],
-            [[t["target"], t["measured"], t["verdict"]] for t in targets],
+            [
+                [t["target"] + (f" {MARK}" if t.get("noisy") else ""), t["measured"], t["verdict"]]
+                for t in targets
+            ],
             right=99,
         )
         out.append("")
+        if any(t.get("noisy") for t in targets):
+            out += [
+                f"{MARK} measured while other processes used more than {DISTURBED:.0%} of the "
+                "CPU time: noisier than the others.",
+                "",
+            ]
     if results.get("skipped"):
         out += ["Skipped:", ""]
         out += [
@@ -300,7 +335,13 @@ def _scale(section: dict[str, Any]) -> list[str]:
         *table(["live children", "bare fork ms", "stdlib start() ms", "aioproc start() ms"], rows),
         "",
         f"Reached {section['reached']} concurrent children (asked {section['asked']}); "
-        f"one asyncio loop joined them all in {section['join_seconds']:.2f} s.",
+        f"one asyncio loop joined them all in {section['join_seconds']:.2f} s. "
+        + (
+            "The ramp ran in a lean parent that only starts the children"
+            if section.get("parent") == "lean"
+            else "The ramp ran in the benchmark's own process"
+        )
+        + f" ({section.get('parent_rss', 0) / 2**20:.0f} MiB resident when it began).",
         "Private memory of a sleeping child (smaps_rollup): "
         + ", ".join(f"{kind} {mib:.2f} MiB" for kind, mib in private.items())
         + ".",
@@ -316,6 +357,112 @@ def _scale(section: dict[str, Any]) -> list[str]:
     return [*lines, "", *_footnote([section])]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _is_ours(way: str) -> bool:
+    return way.startswith("aioproc")
+
+
+def _calls(section: dict[str, Any]) -> list[str]:
+    sizes = section["sizes"]
+    ideal = sizes["cpu_calls"] * sizes["cpu_seconds"] / sizes["workers"]
+    rows = []
+    for run in section["speed"]:
+        if "error" in run:
+            continue
+        s = summary(run["latencies"])
+        rows.append(
+            [
+                _name(run["way"], run),
+                ms(s["p50"]),
+                ms(s["p99"]),
+                f"{run['per_second']:,.0f}",
+                ms(run["cpu_per_call"]),
+                f"{run['cpu_bound_seconds']:.2f}",
+                times(ratio(run["cpu_bound_seconds"], run["cpu_bound_ideal"])),
+                str(run["threads"]),
+            ]
+        )
+    headers = ["way", "p50 ms", "p99 ms", "calls/s", "CPU ms/call", "CPU-bound s", "/ideal"]
+    lines = [
+        f"### 7. Calls: a function in another process, {sizes['workers']} workers",
+        "",
+        *table([*headers, "threads"], rows),
+        "",
+        *_footnote(section["speed"]),
+        f"p50/p99: {sizes['sequential']} sequential calls of a function that returns at once "
+        f"({sizes['sequential_slow']} for Dask). "
+        f"calls/s: {sizes['concurrent']:,} such calls at once",
+        f"({sizes['concurrent_slow']} for aioproc.run and Dask), and the parent's CPU time "
+        f"per call meanwhile. CPU-bound: {sizes['cpu_calls']} calls",
+        f"of {sizes['cpu_seconds'] * 1e3:.0f} ms of CPU each, wall time against the ideal "
+        f"{ideal:.2f} s. threads: the most the parent had beyond those before.",
+        "",
+    ]
+    from ._calls import CHECKS
+
+    headers = [
+        "way",
+        "timeout kills",
+        "cancel kills",
+        "crash: code,pid,next",
+        "ValueError+trace",
+        "grandchild gone",
+    ]
+    rows = [
+        [_name(r["way"], r), *(r.get(check, {}).get("text", "-") for check in CHECKS)]
+        for r in section["semantics"]
+    ]
+    lines += [
+        "Semantics, measured by running each way (a fresh pool for each probe):",
+        "",
+        *table(headers, rows, right=99),
+        "",
+        *_footnote(section["semantics"]),
+        f"- timeout: a call that sleeps {sizes['hold']:g} s, with a {sizes['timeout']:g} s "
+        "timeout; yes: the timeout came at that time and the",
+        "  process running the call was gone within 1 s after; ignored: the value came back "
+        "when the call ended.",
+        "- cancel: the task of a running call is cancelled; yes: the process was gone within "
+        "this time; waits: the cancellation",
+        "  waited for the call to end.",
+        "- crash: the process running a call is SIGKILLed; yes: the call raised after this time "
+        "an error that names the",
+        "  exit code and the pid, and the next call worked (broken: it failed); returned: the "
+        "call was run again.",
+        "- ValueError: raised two frames down in the function; trace: those frames reach the "
+        "caller; type lost: another type.",
+        "- grandchild: a `sleep 1000` that the timed-out function started; yes: gone within "
+        "1 s of the call's end.",
+        "",
+        "Ways:",
+        "",
+        *(f"- {r['way']}: {r['how']}" for r in section["semantics"]),
+        "",
+    ]
+    left = []
+    for what in ("speed", "semantics"):
+        for r in section[what]:
+            if r["left_processes"]:
+                left.append(
+                    f"- {r['way']} ({what}): {_count(len(r['left_processes']), 'process')} "
+                    "still running after its pool was shut down (killed)"
+                )
+            if r["left_threads"]:
+                left.append(
+                    f"- {r['way']} ({what}): {_count(r['left_threads'], 'thread')} still there "
+                    "2 s after its event loop ended"
+                )
+    if left:
+        lines += ["Left behind:", "", *left, ""]
+    failed = [f"- {r['way']}: {r['error']}" for r in section["speed"] if "error" in r]
+    if failed:
+        lines += ["Failed (no speed figures):", "", *failed, ""]
+    return lines
+
+
 # -- targets -------------------------------------------------------------------
 
 
@@ -327,13 +474,30 @@ def _target(
     text: str,
     values: dict[str, float],
     ok: Callable[[float], bool],
+    records: Sequence[dict[str, Any] | None] = (),
     fmt: Callable[[float], str] = times,
 ) -> dict[str, Any]:
-    """A target met when *ok* holds for every value (one per event loop)."""
-    shown = ", ".join(f"{k} {fmt(v)}" for k, v in values.items()) if values else "not measured"
+    """A target met when *ok* holds for every value (one per event loop).
+
+    *records* are the runs the values come from: the target is marked noisy
+    when other processes were busy during any of them.
+    """
+    shown = (
+        ", ".join(f"{k} {fmt(v)}".strip() for k, v in values.items()) if values else "not measured"
+    )
     measured = bool(values) and not any(math.isnan(v) for v in values.values())
     verdict = all(ok(v) for v in values.values()) if measured else None
-    return {"target": text, "measured": shown, "verdict": _verdict(verdict), "values": values}
+    return {
+        "target": text,
+        "measured": shown,
+        "verdict": _verdict(verdict),
+        "values": values,
+        "noisy": measured and _noisy(records),
+    }
+
+
+def _noisy(records: Sequence[dict[str, Any] | None]) -> bool:
+    return any(r is not None and r.get("others_cpu_share", 0.0) > DISTURBED for r in records)
 
 
 def _pidfd(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -356,6 +520,7 @@ def _latency_targets(section: dict[str, Any], scenario: str) -> list[dict[str, A
                 "1: pidfd p50 latency <= 1.5x raw",
                 {b: ratio(p(r, "p50"), p(raw, "p50")) for b, r in ours.items()},
                 lambda v: v <= 1.5,
+                [raw, *ours.values()],
             )
         )
         found.append(
@@ -363,6 +528,7 @@ def _latency_targets(section: dict[str, Any], scenario: str) -> list[dict[str, A
                 "1: pidfd p99 latency <= 3x raw",
                 {b: ratio(p(r, "p99"), p(raw, "p99")) for b, r in ours.items()},
                 lambda v: v <= 3,
+                [raw, *ours.values()],
             )
         )
     found.append(
@@ -370,6 +536,7 @@ def _latency_targets(section: dict[str, Any], scenario: str) -> list[dict[str, A
             f"{scenario}: pidfd p50 >= 100x better than thread",
             {b: ratio(p(thread, "p50"), p(r, "p50")) for b, r in ours.items()},
             lambda v: v >= 100,
+            [thread, *ours.values()],
         )
     )
     return found
@@ -385,12 +552,14 @@ def _cost_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
             "4: zero threads created (pidfd)",
             {b: float(r["extra_threads"]) for b, r in ours.items()},
             lambda v: v == 0,
+            list(ours.values()),
             fmt=lambda x: f"{x:.0f}",
         ),
         _target(
             "4: parent CPU per child <= sync's",
             {b: ratio(r["cpu_seconds"] / r["n"], sync_cpu) for b, r in ours.items()},
             lambda v: v <= 1.0,
+            [sync, *ours.values()],
         ),
     ]
 
@@ -399,16 +568,19 @@ def _throughput_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
     merged = median_throughput(section["runs"])
     rate = {w: m["per_second"] for (method, w), m in merged.items() if method == "fork"}
     ours = {b: rate[w] for b in BACKENDS if (w := f"aioproc pidfd/{b}") in rate}
+    used = [m for (method, _), m in merged.items() if method == "fork"]
     return [
         _target(
             "3: fork start+join throughput >= 1.0x sync",
             {b: ratio(r, rate.get("sync", math.nan)) for b, r in ours.items()},
             lambda v: v >= 1.0,
+            used,
         ),
         _target(
             "3: fork start+join throughput >= 0.7x raw",
             {b: ratio(r, rate.get("raw", math.nan)) for b, r in ours.items()},
             lambda v: v >= 0.7,
+            used,
         ),
     ]
 
@@ -417,9 +589,10 @@ def _lag_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
     ours = _pidfd(_by_way(section["runs"]))
     return [
         _target(
-            "5: loop lag p99 <= 1 ms while waiting (pidfd)",
+            "5: loop lag p99 <= 1 ms while joining (pidfd)",
             {b: _stat(r, "lags", "p99") for b, r in ours.items()},
             lambda v: v <= 0.001,
+            list(ours.values()),
             fmt=lambda x: f"{ms(x)} ms",
         )
     ]
@@ -437,11 +610,11 @@ def _scale_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
         flat = growth["aioproc"] <= 1.25 * max(growth["fork"], 1.0)
         found.append(
             {
-                "target": f"6: aioproc start() flat from 0 to {last['live']} live children "
-                "(grows no more than a bare fork's, +25%)",
+                "target": f"6: start() flat to {last['live']} live (growth <= fork's +25%)",
                 "measured": ", ".join(f"{k} {times(v)}" for k, v in growth.items()),
                 "verdict": _verdict(None if math.isnan(growth["aioproc"]) else flat),
                 "values": growth,
+                "noisy": _noisy([section]),
             }
         )
     asked_enough = section["asked"] >= 10000
@@ -451,9 +624,76 @@ def _scale_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
             "measured": f"{section['reached']} reached (asked {section['asked']})",
             "verdict": _verdict(section["reached"] >= 10000 if asked_enough else None),
             "values": {"reached": section["reached"]},
+            "noisy": _noisy([section]),
         }
     )
     return found
+
+
+def _calls_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
+    speed = _by_way([r for r in section["speed"] if "error" not in r])
+    pool = speed.get("aioproc.Pool")
+    peers = {w: r for w, r in speed.items() if not _is_ours(w)}
+    semantics = _by_way(section["semantics"]).get("aioproc.Pool")
+
+    def best(key: Callable[[dict[str, Any]], float], pick: Callable[..., Any]) -> dict[str, float]:
+        """The Pool's figure over the best peer's, labelled with that peer."""
+        if pool is None or not peers:
+            return {}
+        name = pick(peers, key=lambda w: key(peers[w]))
+        return {f"vs {name}": ratio(key(pool), key(peers[name]))}
+
+    def p50(r: dict[str, Any]) -> float:
+        return summary(r["latencies"])["p50"]
+
+    def p99(r: dict[str, Any]) -> float:
+        return summary(r["latencies"])["p99"]
+
+    used = [r for r in (pool, *peers.values()) if r is not None]
+    count = lambda x: f"{x:.0f}"  # noqa: E731
+    from ._calls import CHECKS
+
+    yes = (
+        {"cells yes": float(sum(bool(semantics.get(c, {}).get("ok")) for c in CHECKS))}
+        if semantics is not None
+        else {}
+    )
+    return [
+        _target("7: Pool p50 <= 0.8x the best peer's", best(p50, min), lambda v: v <= 0.8, used),
+        _target("7: Pool p99 <= 1.0x the best peer's", best(p99, min), lambda v: v <= 1.0, used),
+        _target(
+            "7: Pool throughput >= 1.0x the best peer's",
+            best(lambda r: r["per_second"], max),
+            lambda v: v >= 1.0,
+            used,
+        ),
+        _target(
+            "7: Pool CPU-bound <= 1.06x ideal",
+            {"": ratio(pool["cpu_bound_seconds"], pool["cpu_bound_ideal"])} if pool else {},
+            lambda v: v <= 1.06,
+            used[:1],
+        ),
+        _target(
+            "7: Pool: zero parent threads",
+            {"": float(pool["threads"])} if pool else {},
+            lambda v: v == 0,
+            used[:1],
+            fmt=count,
+        ),
+        _target(
+            "7: Pool parent CPU per call <= the best peer's",
+            best(lambda r: r["cpu_per_call"], min),
+            lambda v: v <= 1.0,
+            used,
+        ),
+        _target(
+            f"7: Pool: every semantics cell yes ({len(CHECKS)})",
+            yes,
+            lambda v: v == len(CHECKS),
+            [semantics] if semantics else [],
+            fmt=count,
+        ),
+    ]
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -472,6 +712,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         found += _lag_targets(results["lag"])
     if "scale" in results:
         found += _scale_targets(results["scale"])
+    if "calls" in results:
+        found += _calls_targets(results["calls"])
     return found
 
 

@@ -13,19 +13,23 @@ loop joins every child.
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from aioproc import AsyncProcess
 
-from ._children import stamp_and_exit, wait_on_fifo
+from ._children import Barrier, stamp_and_exit, wait_on_fifo
 from ._system import (
     mem_available_bytes,
     mem_total_bytes,
@@ -34,7 +38,6 @@ from ._system import (
     raise_fd_limit,
     rss_bytes,
 )
-from ._ways import Barrier
 
 if TYPE_CHECKING:
     from ._progress import Progress
@@ -70,6 +73,10 @@ class ScaleResult:
     mem_available_per_child: float = 0.0
     ramp_seconds: float = 0.0
     join_seconds: float = 0.0
+    #: Which process ramped up: "this" (the benchmark's) or "lean" (one that only ramps).
+    parent: str = "this"
+    #: Its resident size when the ramp began.
+    parent_rss: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,11 +149,34 @@ def run_scale(
     extra = 3 * samples * (len(levels) + 1)
     # Three descriptors per child: the two ends multiprocessing keeps, and the pidfd.
     limit, why = raise_fd_limit(3 * (top + extra) + 256)
-    result = ScaleResult(asked=top, fd_limit=limit, method=method)
+    result = ScaleResult(asked=top, fd_limit=limit, method=method, parent_rss=rss_bytes())
     result.fd_limit_note = why
     result_box: list[ScaleResult] = [result]
     anyio.run(_scale, sorted(set(levels)), samples, method, result_box, progress, backend="asyncio")
     return result
+
+
+def run_scale_lean(
+    levels: list[int], samples: int, progress: Progress, method: str = "fork"
+) -> dict[str, Any]:
+    """``run_scale`` in a lean process of its own (``benchmarks._lean_scale``): its figures."""
+    root = Path(__file__).resolve().parent.parent
+    spec = ",".join(str(n) for n in levels)
+    command = [sys.executable, "-m", "benchmarks._lean_scale", method, str(samples), spec]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=root) as proc:
+        if proc.stdout is None:
+            raise RuntimeError("the lean parent's stdout is not a pipe")
+        record: dict[str, Any] | None = None
+        # Not until end-of-file: a fork server it started may hold stdout a moment longer.
+        for line in proc.stdout:
+            if line.startswith("+"):
+                progress.advance(int(line[1:]))
+            elif line.startswith("result "):
+                record = json.loads(line.removeprefix("result "))
+                break
+    if record is None or proc.returncode != 0:
+        raise RuntimeError(f"the lean parent of scenario 6 failed (exit code {proc.returncode})")
+    return record
 
 
 async def _scale(

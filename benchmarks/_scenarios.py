@@ -10,8 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import _calls
+from ._peers import CallPeer
 from ._progress import Progress
-from ._scale import run_scale
+from ._runner import run_on
+from ._scale import run_scale, run_scale_lean
 from ._settings import START_METHODS, Settings
 from ._startblock import measure as measure_start_blocks
 from ._ways import (
@@ -21,7 +24,6 @@ from ._ways import (
     Way,
     idle_lags,
     run_batch,
-    run_on,
     run_throughput,
     storm_lags,
 )
@@ -167,14 +169,53 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
 
         def scale(progress: Progress) -> dict[str, Any]:
             gc.collect()
-            record = run_scale(
-                settings.scale, settings.scale_samples, progress, settings.scale_method
-            ).as_json()
+            args = (settings.scale, settings.scale_samples, progress, settings.scale_method)
+            if settings.scale_parent == "lean":
+                record = run_scale_lean(*args)
+            else:
+                record = run_scale(*args).as_json()
             results["scale"] = record
             return record
 
-        steps.append(Step(f"6 scale to {top} {settings.scale_method} children", units, scale))
+        where = " from a lean parent" if settings.scale_parent == "lean" else ""
+        title = f"6 scale to {top} {settings.scale_method} children{where}"
+        steps.append(Step(title, units, scale))
+
+    if 7 in chosen:
+        sizes = settings.calls
+        calls: dict[str, Any] = {"sizes": sizes.as_json(), "speed": [], "semantics": []}
+        results["calls"] = calls
+        for peer in settings.peers():
+            if settings.only and not any(peer.matches(term) for term in settings.only):
+                continue
+            reason = peer.unavailable()
+            if reason is not None:
+                skipped.append({"scenario": "7", "way": peer.label, "reason": reason})
+                continue
+            if peer.timed:
+                steps.append(_calls_step(peer, "speed", calls["speed"], sizes))
+            steps.append(_calls_step(peer, "semantics", calls["semantics"], sizes))
     return steps
+
+
+def _calls_step(
+    peer: CallPeer, what: str, into: list[dict[str, Any]], sizes: _calls.CallSizes
+) -> Step:
+    run = _calls.measure if what == "speed" else _calls.semantics
+    units = (
+        sizes.sequential_of(peer) + sizes.concurrent_of(peer) + sizes.cpu_calls
+        if what == "speed"
+        else len(_calls.PROBES)
+    )
+
+    def step(progress: Progress) -> dict[str, Any]:
+        gc.collect()
+        record = run(peer, sizes, progress)
+        record["how"] = peer.how
+        into.append(record)
+        return record
+
+    return Step(f"7 calls {what} · {peer.label}", units, step)
 
 
 def _batch_step(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._calls import CallSizes
+from ._peers import PEERS, CallPeer
 from ._ways import (
     AIOMULTIPROCESS,
     BACKENDS,
@@ -24,6 +26,7 @@ SCENARIOS: dict[int, str] = {
     4: "threads and parent CPU",
     5: "event-loop lag",
     6: "scale",
+    7: "calls",
 }
 #: Scenario 4 reads scenario 1's runs; 5 reads start() times from 3's.
 NEEDS: dict[int, int] = {4: 1, 5: 3}
@@ -65,6 +68,8 @@ class Settings:
     #: Start method of the ramp's children: forkserver children are forked
     #: from the small fork server, not from this big process, and so are small.
     scale_method: str = "fork"
+    #: Who ramps up: "this" process, or a "lean" one that does nothing else.
+    scale_parent: str = "this"
     #: "default" compares the headline ways; "full" every watcher on every loop.
     matrix: str = "default"
     #: Loops on which scenario 1 also runs the sigchld, sentinel and thread
@@ -74,6 +79,9 @@ class Settings:
     #: every start (tens of ms each): the default run leaves it out.  `poll`
     #: is its way of joining, and is measured in every run.
     aiomultiprocess: bool = False
+    #: Scenario 7: sizes, and the peers run (labels; empty: every peer).
+    calls: CallSizes = field(default_factory=CallSizes)
+    call_peers: list[str] = field(default_factory=list)
     #: Run only the ways one of these names (see Way.matches; empty: all).
     only: list[str] = field(default_factory=list)
 
@@ -125,6 +133,11 @@ class Settings:
     def lag_ways(self) -> list[Way]:
         return [THREAD, POLL, *self._aioproc(all_watchers_on=())]
 
+    def peers(self) -> list[CallPeer]:
+        if not self.call_peers:
+            return list(PEERS)
+        return [peer for peer in PEERS if peer.label in self.call_peers]
+
 
 def preset(name: str) -> Settings:
     """The settings of a preset: ``quick`` (smoke test), ``default``, ``full``."""
@@ -156,5 +169,16 @@ def preset(name: str) -> Settings:
             start_blocks={"fork": 3, "forkserver": 2, "spawn": 2},
             scale=[20, 40],
             scale_samples=3,
+            calls=CallSizes(
+                sequential=20,
+                concurrent=100,
+                concurrent_slow=10,
+                sequential_slow=10,
+                cpu_calls=4,
+                cpu_seconds=0.02,
+                hold=1.0,
+            ),
+            # The smoke run compares the two aioproc ways with the stdlib's pool.
+            call_peers=["aioproc.Pool", "aioproc.run", "ProcessPoolExecutor"],
         )
     raise ValueError(f"unknown preset {name!r}; use quick, default or full")

@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import platform
 import resource
+import signal
 import sys
+import time
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
@@ -171,3 +175,104 @@ def machine() -> dict[str, Any]:
             for name in ("aioproc", "anyio", "uvloop", "trio", "aiomultiprocess", "matplotlib")
         },
     }
+
+
+def process_gone(pid: int) -> bool:
+    """Whether *pid* has exited: no such process, or a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in (b"Z", b"X")
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def is_descendant(pid: int) -> bool:
+    """Whether *pid* is a child of this process, or a child of one, and so on
+    (a pid whose process is gone and that was reused elsewhere is not)."""
+    me, seen = os.getpid(), 0
+    while pid > 1 and seen < 64:
+        parent = _parent_of(pid)
+        if parent is None:
+            return False
+        if parent == me:
+            return True
+        pid, seen = parent, seen + 1
+    return False
+
+
+def threads_back_to(count: int, within: float) -> int:
+    """Wait up to *within* seconds for this process to be back to *count* threads;
+    return how many more it has then (0: every thread started meanwhile ended)."""
+    end = time.monotonic() + within
+    while (extra := os_threads() - count) > 0 and time.monotonic() < end:
+        time.sleep(0.01)
+    return max(extra, 0)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(on: bool) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def long_lived_helpers() -> set[int]:
+    """Children kept for the whole run: multiprocessing's fork server and resource
+    tracker, and loky's resource tracker (stopped at the end of the run)."""
+    found = {
+        getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
+        getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None),
+    }
+    loky_tracker = sys.modules.get("loky.backend.resource_tracker")
+    if loky_tracker is not None:
+        found.add(getattr(loky_tracker._resource_tracker, "_pid", None))
+    return {pid for pid in found if pid}
+
+
+@contextlib.contextmanager
+def adopting_orphans(grace: float = 2.0, settle: float = 0.2) -> Iterator[list[int]]:
+    """Adopt the orphans of what runs in the block, and leave no new child behind.
+
+    Inside the block this process is a child subreaper (Linux), so a process
+    whose parent died while it ran becomes our child instead of init's (the
+    PID 1 of some containers never reaps).  At the end, children that
+    appeared meanwhile get *grace* seconds to exit, and their owners (a
+    library's watcher thread, say) *settle* seconds to reap them; then those
+    still running are SIGKILLed and listed in the yielded list, and all are
+    reaped.  multiprocessing's own fork server and resource tracker are left alone.
+    """
+    before = children()
+    left: list[int] = []
+    _set_subreaper(True)
+    try:
+        yield left
+    finally:
+        _set_subreaper(False)
+        began = time.monotonic()
+        while True:
+            new = children() - before - long_lived_helpers()
+            running = {pid for pid in new if not process_gone(pid)}
+            waited = time.monotonic() - began
+            if not new or (not running and waited > settle) or waited > grace:
+                break
+            time.sleep(0.01)
+        for pid in sorted(running):
+            left.append(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in sorted(new):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)

@@ -29,25 +29,24 @@ import mmap
 import multiprocessing
 import os
 import struct
+import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import anyio
 
 import aioproc
 from aioproc._watchers import why_unavailable
 
-from ._children import noop, stamp_and_exit, stamp_and_exit_async
-from ._system import cpu_seconds, os_threads
-
-if TYPE_CHECKING:
-    from ._progress import Progress
+from . import _system
+from ._children import Barrier, noop, noop_async, stamp_and_exit, stamp_and_exit_async
+from ._progress import Progress
+from ._runner import Backend, run_on
 
 Kind = Literal["raw", "waitid", "sync", "thread", "poll", "aiomultiprocess", "aioproc"]
-Backend = Literal["none", "asyncio", "uvloop", "trio"]
 T = TypeVar("T")
 
 BACKENDS: tuple[Backend, ...] = ("asyncio", "uvloop", "trio")
@@ -62,6 +61,7 @@ HOW: dict[str, str] = {
 }
 #: The heartbeat task's period: its lateness is the event loop's lag.
 HEARTBEAT = 0.001
+_SILENT = Progress(1, enabled=False)
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,10 @@ class Way:
     @property
     def is_async(self) -> bool:
         return self.kind not in ("raw", "waitid", "sync")
+
+    def children(self, start_method: str) -> Children:
+        """This way's implementation of the ``Children`` protocol."""
+        return _KINDS[self.kind](start_method)
 
     def unavailable(self, start_method: str) -> str | None:
         """Why this way cannot run here with *start_method* (None: it can)."""
@@ -117,18 +121,6 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def run_on(backend: Backend, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run the coroutine function *fn* in a fresh event loop of *backend*."""
-    if backend == "trio":
-        return anyio.run(fn, *args, backend="trio")
-    options: dict[str, Any] = {}
-    if backend == "uvloop":
-        import uvloop
-
-        options["loop_factory"] = uvloop.new_event_loop
-    return anyio.run(fn, *args, backend="asyncio", backend_options=options)
-
-
 @contextlib.contextmanager
 def forced_watcher(way: Way) -> Iterator[None]:
     aioproc.set_watcher(way.watcher)  # type: ignore[arg-type]
@@ -138,33 +130,20 @@ def forced_watcher(way: Way) -> Iterator[None]:
         aioproc.set_watcher(None)
 
 
-class Barrier:
-    """A pipe every child blocks on until the parent closes the write end."""
-
-    def __init__(self) -> None:
-        self.read_end, self.write_end = os.pipe()
-
-    @property
-    def ends(self) -> tuple[int, int]:
-        return self.read_end, self.write_end
-
-    def release(self) -> None:
-        if self.write_end >= 0:
-            os.close(self.write_end)
-            self.write_end = -1
-
-    def close(self) -> None:
-        self.release()
-        if self.read_end >= 0:
-            os.close(self.read_end)
-            self.read_end = -1
+# -- the protocol every way implements ----------------------------------------
 
 
-# -- starting and joining, per kind of async way ------------------------------
+class Children:
+    """Start, join and release the children of one way, with one start method.
 
+    Every way implements ``start`` (timed by the scenarios: it is what blocks
+    the caller) and ``close``, and then either ``join_all``, blocking, or
+    ``join``, awaitable: ``is_async`` says which.  The scenarios drive every
+    way through these four calls, in one skeleton for the blocking ways and
+    one for the async ones.
+    """
 
-class _Ops:
-    """Start, join and release the children of one async way."""
+    is_async: ClassVar[bool] = True
 
     def __init__(self, start_method: str) -> None:
         self.start_method = start_method
@@ -175,29 +154,99 @@ class _Ops:
         p.start()
         return p
 
-    async def join(self, p: Any) -> int | None:
+    def join_all(self, handles: Sequence[Any]) -> Iterator[tuple[int, int | None]]:
+        """Block until each child has exited; yield (its index, its exit code) as it does."""
         raise NotImplementedError
 
-    def close(self, p: Any) -> None:
-        p.close()
+    async def join(self, handle: Any) -> int | None:
+        raise NotImplementedError
+
+    def close(self, handle: Any) -> None:
+        handle.close()
 
 
-class _ThreadOps(_Ops):
-    async def join(self, p: Any) -> int | None:
-        await asyncio.to_thread(p.join)
-        code: int | None = p.exitcode
+def _next_exited(pending: Container[int]) -> int:
+    """Block until any child has exited, without reaping it; its pid.
+
+    Not reaping: a child that is not the benchmark's (the fork server, a
+    manager) must keep its status.
+    """
+    info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+    if info is None or info.si_pid not in pending:
+        raise RuntimeError(f"a child that is not the benchmark's exited: {info}")
+    return info.si_pid
+
+
+class _RawChildren(Children):
+    """Bare ``os.fork`` children, reaped in the order they exit."""
+
+    is_async = False
+
+    def start(self, target: Callable[..., Any], args: tuple[Any, ...]) -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                target(*args)
+            finally:
+                os._exit(0)
+        return pid
+
+    def join_all(self, handles: Sequence[Any]) -> Iterator[tuple[int, int | None]]:
+        index = {pid: i for i, pid in enumerate(handles)}
+        while index:
+            pid = _next_exited(index)
+            _, status = os.waitpid(pid, 0)
+            yield index.pop(pid), os.waitstatus_to_exitcode(status)
+
+    def close(self, handle: Any) -> None:
+        pass
+
+
+class _WaitidChildren(Children):
+    """AsyncProcess children, found in the order they exit by a blocked ``waitid``."""
+
+    is_async = False
+
+    def start(self, target: Callable[..., Any], args: tuple[Any, ...]) -> aioproc.AsyncProcess:
+        p = aioproc.AsyncProcess(target=target, args=args, context=self.start_method)
+        p.start()
+        return p
+
+    def join_all(self, handles: Sequence[Any]) -> Iterator[tuple[int, int | None]]:
+        index = {p.pid: i for i, p in enumerate(handles)}
+        while index:
+            i = index.pop(_next_exited(index))
+            handles[i].is_alive()  # collects the exit status, through the process's own Popen
+            yield i, handles[i].exitcode
+
+
+class _SyncChildren(Children):
+    """``multiprocessing.Process``, a blocking ``join()`` in start order."""
+
+    is_async = False
+
+    def join_all(self, handles: Sequence[Any]) -> Iterator[tuple[int, int | None]]:
+        for i, p in enumerate(handles):
+            p.join()
+            yield i, p.exitcode
+
+
+class _ThreadChildren(Children):
+    async def join(self, handle: Any) -> int | None:
+        await asyncio.to_thread(handle.join)
+        code: int | None = handle.exitcode
         return code
 
 
-class _PollOps(_Ops):
-    async def join(self, p: Any) -> int | None:
-        while p.is_alive():  # noqa: ASYNC110 - this baseline is that very pattern
+class _PollChildren(Children):
+    async def join(self, handle: Any) -> int | None:
+        while handle.is_alive():  # noqa: ASYNC110 - this baseline is that very pattern
             await asyncio.sleep(0.005)
-        code: int | None = p.exitcode
+        code: int | None = handle.exitcode
         return code
 
 
-class _AiomultiprocessOps(_Ops):
+class _AiomultiprocessChildren(Children):
     def __init__(self, start_method: str) -> None:
         super().__init__(start_method)
         import aiomultiprocess
@@ -210,50 +259,55 @@ class _AiomultiprocessOps(_Ops):
         aiomultiprocess.core.get_manager()
 
     def start(self, target: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        if target is not stamp_and_exit:
+        if target is stamp_and_exit:
+            target = stamp_and_exit_async
+        elif target is noop:
+            target = noop_async
+        else:
             raise ValueError(f"aiomultiprocess runs coroutine functions only, not {target}")
-        p = self.Process(target=stamp_and_exit_async, args=args)
+        p = self.Process(target=target, args=args)
         p.start()
         return p
 
-    async def join(self, p: Any) -> int | None:
-        await p.join()
-        code: int | None = p.exitcode
+    async def join(self, handle: Any) -> int | None:
+        await handle.join()
+        code: int | None = handle.exitcode
         return code
 
-    def close(self, p: Any) -> None:
-        p.aio_process.close()
+    def close(self, handle: Any) -> None:
+        handle.aio_process.close()
 
 
-class _AioprocOps(_Ops):
-    def start(self, target: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+class _AioprocChildren(Children):
+    def start(self, target: Callable[..., Any], args: tuple[Any, ...]) -> aioproc.AsyncProcess:
         p = aioproc.AsyncProcess(target=target, args=args, context=self.start_method)
         p.start()
         return p
 
-    async def join(self, p: Any) -> int | None:
-        code: int | None = await p.join()
+    async def join(self, handle: Any) -> int | None:
+        code: int | None = await handle.join()
         return code
 
 
-_OPS: dict[str, type[_Ops]] = {
-    "thread": _ThreadOps,
-    "poll": _PollOps,
-    "aiomultiprocess": _AiomultiprocessOps,
-    "aioproc": _AioprocOps,
+_KINDS: dict[str, type[Children]] = {
+    "raw": _RawChildren,
+    "waitid": _WaitidChildren,
+    "sync": _SyncChildren,
+    "thread": _ThreadChildren,
+    "poll": _PollChildren,
+    "aiomultiprocess": _AiomultiprocessChildren,
+    "aioproc": _AioprocChildren,
 }
 
 
 def shutdown_extras() -> None:
-    """Stop the manager process aiomultiprocess starts for its namespaces."""
-    try:
-        import aiomultiprocess.core
-    except ImportError:
-        return
-    manager = aiomultiprocess.core._manager
-    if manager is not None:
-        manager.shutdown()
-        aiomultiprocess.core._manager = None
+    """Stop the helper processes that libraries keep for the whole run."""
+    from ._peers import stop_aiomultiprocess_manager, stop_loky_resource_tracker
+
+    if "aiomultiprocess.core" in sys.modules:
+        stop_aiomultiprocess_manager()
+    if "loky.backend.resource_tracker" in sys.modules:
+        stop_loky_resource_tracker()
 
 
 # -- scenario building blocks: a latency batch, a throughput run -------------
@@ -282,6 +336,24 @@ class BatchResult:
         return asdict(self)
 
 
+@dataclass
+class _Joined:
+    """What one batch measured, before latencies are computed from the stamps."""
+
+    n: int
+    joined: list[float] = field(default_factory=list)
+    codes: list[int | None] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)
+    cpu: float = 0.0
+    wall: float = 0.0
+    threads: int = 0
+    lags: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.joined = [math.nan] * self.n
+        self.codes = [None] * self.n
+
+
 def run_batch(way: Way, batch: Batch, progress: Progress) -> BatchResult:
     """Start every child of *batch* (fork), release them, join them all.
 
@@ -291,18 +363,17 @@ def run_batch(way: Way, batch: Batch, progress: Progress) -> BatchResult:
     n = len(batch.delays)
     if n < 1:
         raise ValueError(f"a batch needs at least one child, got {n}")
-    ops = _OPS[way.kind]("fork") if way.is_async else None
+    children = way.children("fork")
     stamps = mmap.mmap(-1, 8 * n)
     barrier = Barrier()
+    calls = [(stamp_and_exit, (stamps, i, barrier.ends, d)) for i, d in enumerate(batch.delays)]
     try:
-        if ops is None:
-            batch_fn = {"raw": _raw_batch, "waitid": _waitid_batch, "sync": _sync_batch}[way.kind]
-            raw = batch_fn(batch, stamps, barrier, progress)
-        else:
-            with forced_watcher(way):
-                raw = run_on(way.backend, _async_batch, ops, batch, stamps, barrier, progress)
-        joined, codes, starts, cpu, wall, threads, lags = raw
-        bad = Counter(code for code in codes if code != 0)
+        with forced_watcher(way):
+            if children.is_async:
+                got = run_on(way.backend, _async_batch, children, calls, batch, barrier, progress)
+            else:
+                got = _sync_batch(children, calls, barrier, progress)
+        bad = Counter(code for code in got.codes if code != 0)
         if bad:
             raise RuntimeError(f"{way.label}: children exited with codes {dict(bad)}")
         latencies = []
@@ -310,114 +381,52 @@ def run_batch(way: Way, batch: Batch, progress: Progress) -> BatchResult:
             (stamp,) = struct.unpack_from("d", stamps, 8 * i)
             if stamp == 0:
                 raise RuntimeError(f"{way.label}: child {i} exited without its stamp")
-            latencies.append(joined[i] - stamp)
+            latencies.append(got.joined[i] - stamp)
     finally:
         barrier.close()
         stamps.close()
-    return BatchResult(way.label, n, latencies, starts, cpu, wall, threads, lags)
+    return BatchResult(
+        way.label, n, latencies, got.starts, got.cpu, got.wall, got.threads, got.lags
+    )
 
 
-_Raw = tuple[list[float], list["int | None"], list[float], float, float, int, list[float]]
+_Calls = Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
 
 
-def _raw_batch(batch: Batch, stamps: mmap.mmap, barrier: Barrier, progress: Progress) -> _Raw:
-    n = len(batch.delays)
-    threads_before = os_threads()
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    index: dict[int, int] = {}
-    starts = []
-    for i, delay in enumerate(batch.delays):
+def _start_all(
+    children: Children, calls: _Calls, progress: Progress
+) -> tuple[list[Any], list[float]]:
+    """Start one child per call, timing each ``start``."""
+    handles, starts = [], []
+    for target, args in calls:
         t = time.perf_counter()
-        pid = os.fork()
-        if pid == 0:
-            stamp_and_exit(stamps, i, barrier.ends, delay)
+        handles.append(children.start(target, args))
         starts.append(time.perf_counter() - t)
-        index[pid] = i
         progress.advance()
-    threads = os_threads()
+    return handles, starts
+
+
+def _sync_batch(children: Children, calls: _Calls, barrier: Barrier, progress: Progress) -> _Joined:
+    got = _Joined(len(calls))
+    threads_before = _system.os_threads()
+    cpu0, wall0 = _system.cpu_seconds(), time.perf_counter()
+    handles, got.starts = _start_all(children, calls, progress)
+    threads = _system.os_threads()
     barrier.release()
-    joined = [math.nan] * n
-    codes: list[int | None] = [None] * n
-    while index:
-        # Block until any child is waitable, without reaping: a child that is
-        # not ours (the fork server, a manager) must keep its status.
-        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-        if info is None or info.si_pid not in index:
-            raise RuntimeError(f"a child that is not the benchmark's exited: {info}")
-        _, status = os.waitpid(info.si_pid, 0)
-        i = index.pop(info.si_pid)
-        joined[i] = time.monotonic()
-        codes[i] = os.waitstatus_to_exitcode(status)
+    for i, code in children.join_all(handles):
+        got.joined[i] = time.monotonic()
+        got.codes[i] = code
         progress.advance()
-    cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
-    return joined, codes, starts, cpu, wall, max(threads, os_threads()) - threads_before, []
-
-
-def _waitid_batch(batch: Batch, stamps: mmap.mmap, barrier: Barrier, progress: Progress) -> _Raw:
-    n = len(batch.delays)
-    threads_before = os_threads()
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    procs: dict[int, tuple[int, aioproc.AsyncProcess]] = {}
-    starts = []
-    for i, delay in enumerate(batch.delays):
-        t = time.perf_counter()
-        p = aioproc.AsyncProcess(
-            target=stamp_and_exit, args=(stamps, i, barrier.ends, delay), context="fork"
-        )
-        p.start()
-        starts.append(time.perf_counter() - t)
-        procs[p.pid or 0] = (i, p)
-        progress.advance()
-    threads = os_threads()
-    barrier.release()
-    joined = [math.nan] * n
-    codes: list[int | None] = [None] * n
-    while procs:
-        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-        if info is None or info.si_pid not in procs:
-            raise RuntimeError(f"a child that is not the benchmark's exited: {info}")
-        i, p = procs.pop(info.si_pid)
-        p.is_alive()  # collects the exit status, through the process's own Popen
-        joined[i] = time.monotonic()
-        codes[i] = p.exitcode
-        p.close()
-        progress.advance()
-    cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
-    return joined, codes, starts, cpu, wall, max(threads, os_threads()) - threads_before, []
-
-
-def _sync_batch(batch: Batch, stamps: mmap.mmap, barrier: Barrier, progress: Progress) -> _Raw:
-    n = len(batch.delays)
-    ctx = multiprocessing.get_context("fork")
-    threads_before = os_threads()
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    procs = []
-    starts = []
-    for i, delay in enumerate(batch.delays):
-        t = time.perf_counter()
-        p = ctx.Process(target=stamp_and_exit, args=(stamps, i, barrier.ends, delay))
-        p.start()
-        starts.append(time.perf_counter() - t)
-        procs.append(p)
-        progress.advance()
-    threads = os_threads()
-    barrier.release()
-    joined = [math.nan] * n
-    codes: list[int | None] = [None] * n
-    for i, p in enumerate(procs):
-        p.join()
-        joined[i] = time.monotonic()
-        codes[i] = p.exitcode
-        progress.advance()
-    cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
-    for p in procs:
-        p.close()
-    return joined, codes, starts, cpu, wall, max(threads, os_threads()) - threads_before, []
+    got.cpu, got.wall = _system.cpu_seconds() - cpu0, time.perf_counter() - wall0
+    got.threads = max(threads, _system.os_threads()) - threads_before
+    for handle in handles:
+        children.close(handle)
+    return got
 
 
 async def _watch_threads(peak: list[int]) -> None:
     while True:
-        peak[0] = max(peak[0], os_threads())
+        peak[0] = max(peak[0], _system.os_threads())
         await anyio.sleep(0.01)
 
 
@@ -463,67 +472,42 @@ def storm_lags(backend: Backend, delays: Sequence[float], progress: Progress) ->
 
 
 async def _async_batch(
-    ops: _Ops, batch: Batch, stamps: mmap.mmap, barrier: Barrier, progress: Progress
-) -> _Raw:
-    n = len(batch.delays)
-    threads_before = os_threads()
+    children: Children, calls: _Calls, batch: Batch, barrier: Barrier, progress: Progress
+) -> _Joined:
+    got = _Joined(len(calls))
+    threads_before = _system.os_threads()
     peak = [threads_before]
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    procs = []
-    starts = []
-    for i, delay in enumerate(batch.delays):
-        t = time.perf_counter()
-        procs.append(ops.start(stamp_and_exit, (stamps, i, barrier.ends, delay)))
-        starts.append(time.perf_counter() - t)
-        progress.advance()
-    joined = [math.nan] * n
-    codes: list[int | None] = [None] * n
-    lags: list[float] = []
+    cpu0, wall0 = _system.cpu_seconds(), time.perf_counter()
+    handles, got.starts = _start_all(children, calls, progress)
     waiting = 0
     all_waiting = anyio.Event()
 
     async def join(i: int) -> None:
         nonlocal waiting
         waiting += 1
-        if waiting == n:
+        if waiting == got.n:
             all_waiting.set()
-        codes[i] = await ops.join(procs[i])
-        joined[i] = time.monotonic()
+        got.codes[i] = await children.join(handles[i])
+        got.joined[i] = time.monotonic()
         progress.advance()
 
-    deadline = max(batch.delays) + 60
-    with anyio.fail_after(deadline):
-        await _join_all(
-            n, join, all_waiting, barrier, heartbeat=batch.heartbeat, lags=lags, peak=peak
-        )
-    cpu, wall = cpu_seconds() - cpu0, time.perf_counter() - wall0
-    peak[0] = max(peak[0], os_threads())
-    for p in procs:
-        ops.close(p)
-    return joined, codes, starts, cpu, wall, peak[0] - threads_before, lags
-
-
-async def _join_all(
-    n: int,
-    join: Callable[[int], Coroutine[Any, Any, None]],
-    all_waiting: anyio.Event,
-    barrier: Barrier,
-    *,
-    heartbeat: bool,
-    lags: list[float],
-    peak: list[int],
-) -> None:
-    async with anyio.create_task_group() as helpers:
-        helpers.start_soon(_watch_threads, peak)
-        async with anyio.create_task_group() as joins:
-            for i in range(n):
-                joins.start_soon(join, i)
-            # Every join is waiting before the first child may exit.
-            await all_waiting.wait()
-            barrier.release()
-            if heartbeat:
-                helpers.start_soon(_heartbeat, lags)
-        helpers.cancel_scope.cancel()
+    with anyio.fail_after(max(batch.delays) + 60):
+        async with anyio.create_task_group() as helpers:
+            helpers.start_soon(_watch_threads, peak)
+            async with anyio.create_task_group() as joins:
+                for i in range(got.n):
+                    joins.start_soon(join, i)
+                # Every join is waiting before the first child may exit.
+                await all_waiting.wait()
+                barrier.release()
+                if batch.heartbeat:
+                    helpers.start_soon(_heartbeat, got.lags)
+            helpers.cancel_scope.cancel()
+    got.cpu, got.wall = _system.cpu_seconds() - cpu0, time.perf_counter() - wall0
+    got.threads = max(peak[0], _system.os_threads()) - threads_before
+    for handle in handles:
+        children.close(handle)
+    return got
 
 
 @dataclass
@@ -548,84 +532,59 @@ def run_throughput(
 ) -> ThroughputResult:
     """Start and join *n* children that return at once, *batch* at a time."""
     sizes = [min(batch, n - done) for done in range(0, n, batch)]
-    if way.kind == "raw":
-        seconds, cpu, starts = _raw_throughput(sizes, progress)
-    elif way.kind == "sync":
-        seconds, cpu, starts = _sync_throughput(start_method, sizes, progress)
-    else:
-        ops = _OPS[way.kind](start_method)
-        with forced_watcher(way):
-            seconds, cpu, starts = run_on(way.backend, _async_throughput, ops, sizes, progress)
+    children = way.children(start_method)
+    with forced_watcher(way):
+        if children.is_async:
+            seconds, cpu, starts = run_on(way.backend, _async_throughput, children, sizes, progress)
+        else:
+            seconds, cpu, starts = _sync_throughput(children, sizes, progress)
     return ThroughputResult(way.label, start_method, n, seconds, cpu, starts)
 
 
-def _raw_throughput(sizes: list[int], progress: Progress) -> tuple[float, float, list[float]]:
-    starts = []
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
-    for size in sizes:
-        pids = []
-        for _ in range(size):
-            t = time.perf_counter()
-            pid = os.fork()
-            if pid == 0:
-                os._exit(0)
-            starts.append(time.perf_counter() - t)
-            pids.append(pid)
-        for pid in pids:
-            _, status = os.waitpid(pid, 0)
-            if status != 0:
-                raise RuntimeError(f"raw: a child exited with status {status}")
-            progress.advance()
-    return time.perf_counter() - wall0, cpu_seconds() - cpu0, starts
+def _check_codes(children: Children, codes: list[int | None]) -> None:
+    bad = Counter(code for code in codes if code != 0)
+    if bad:
+        raise RuntimeError(f"{type(children).__name__}: children exited with {dict(bad)}")
 
 
 def _sync_throughput(
-    start_method: str, sizes: list[int], progress: Progress
+    children: Children, sizes: list[int], progress: Progress
 ) -> tuple[float, float, list[float]]:
-    ctx = multiprocessing.get_context(start_method)
-    starts = []
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    starts: list[float] = []
+    codes: list[int | None] = []
+    cpu0, wall0 = _system.cpu_seconds(), time.perf_counter()
     for size in sizes:
-        procs = []
-        for _ in range(size):
-            t = time.perf_counter()
-            p = ctx.Process(target=noop)  # type: ignore[attr-defined]
-            p.start()
-            starts.append(time.perf_counter() - t)
-            procs.append(p)
-        for p in procs:
-            p.join()
-            if p.exitcode != 0:
-                raise RuntimeError(f"sync: a child exited with {p.exitcode}")
-            p.close()
+        handles, some = _start_all(children, [(noop, ())] * size, _SILENT)
+        starts += some
+        for _, code in children.join_all(handles):
+            codes.append(code)
             progress.advance()
-    return time.perf_counter() - wall0, cpu_seconds() - cpu0, starts
+        for handle in handles:
+            children.close(handle)
+    seconds, cpu = time.perf_counter() - wall0, _system.cpu_seconds() - cpu0
+    _check_codes(children, codes)
+    return seconds, cpu, starts
 
 
 async def _async_throughput(
-    ops: _Ops, sizes: list[int], progress: Progress
+    children: Children, sizes: list[int], progress: Progress
 ) -> tuple[float, float, list[float]]:
-    starts = []
+    starts: list[float] = []
     codes: list[int | None] = []
 
-    async def join(p: Any) -> None:
-        codes.append(await ops.join(p))
+    async def join(handle: Any) -> None:
+        codes.append(await children.join(handle))
         progress.advance()
 
-    cpu0, wall0 = cpu_seconds(), time.perf_counter()
+    cpu0, wall0 = _system.cpu_seconds(), time.perf_counter()
     for size in sizes:
-        procs = []
-        for _ in range(size):
-            t = time.perf_counter()
-            procs.append(ops.start(noop, ()))
-            starts.append(time.perf_counter() - t)
+        handles, some = _start_all(children, [(noop, ())] * size, _SILENT)
+        starts += some
         async with anyio.create_task_group() as tg:
-            for p in procs:
-                tg.start_soon(join, p)
-        for p in procs:
-            ops.close(p)
-    seconds, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
-    bad = [code for code in codes if code != 0]
-    if bad:
-        raise RuntimeError(f"children exited with {Counter(bad)}")
+            for handle in handles:
+                tg.start_soon(join, handle)
+        for handle in handles:
+            children.close(handle)
+    seconds, cpu = time.perf_counter() - wall0, _system.cpu_seconds() - cpu0
+    _check_codes(children, codes)
     return seconds, cpu, starts

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.pdeathsig [--rounds 10]`` (Linux; run from the repository)
 
-Each round starts ``tests/orphan_parent.py``, a parent that starts an
+Each round starts ``benchmarks/_orphan_parent.py``, a parent that starts an
 ``AsyncProcess(die_with_parent=True)``, a sibling without the option and an
 ``aioproc.run`` child, and reports their pids.  This process opens a pidfd on
 each, SIGKILLs the parent, and times how long each child takes to exit (its
@@ -22,21 +22,22 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import reaping_orphans
+from ._system import adopting_orphans
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def one_round(method: str) -> list[float]:
     """Milliseconds from the parent's SIGKILL to each dying child's exit."""
-    with reaping_orphans():
+    with adopting_orphans(grace=30.0):
         parent = subprocess.Popen(
-            [sys.executable, "-m", "tests.orphan_parent", method, "both"],
+            [sys.executable, "-m", "benchmarks._orphan_parent", method],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
         )
-        assert parent.stdout is not None
+        if parent.stdout is None:
+            raise RuntimeError("the parent's stdout is not a pipe")
         pids: dict[str, int] = {}
         while len(pids) < 3:
             name, pid = parent.stdout.readline().split()
