@@ -1,0 +1,15 @@
+"""``aioproc.dask``: the calls of ``aioproc.Pool`` on a Dask cluster (``pip install aioproc[dask]``).
+
+``DaskPool`` has the interface of ``aioproc.Pool``: code written against
+``pool.run`` and ``pool.map`` moves to a cluster by constructing the other
+pool.  Importing this module imports ``distributed``; ``import aioproc`` never
+does.
+"""
+
+from __future__ import annotations
+
+from ._dask._errors import DaemonicWorkers as DaemonicWorkers
+from ._dask._errors import WorkerLost as WorkerLost
+from ._dask._pool import DaskPool as DaskPool
+
+__all__ = ["DaemonicWorkers", "DaskPool", "WorkerLost"]
