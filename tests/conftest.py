@@ -19,6 +19,8 @@ import uvloop
 import aioproc
 from aioproc._watchers import pidfd
 
+from .dask_fixtures import CLUSTER_PIDS
+from .dask_fixtures import dask_cluster as dask_cluster
 from .helpers import children_of_this_process, fork_server_and_helpers, state_of
 
 # Threads make os.fork() warn on Python >= 3.12.  Two kinds exist in these tests by
@@ -81,7 +83,7 @@ def _force_watcher(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _no_child_left_behind() -> Iterator[None]:
     yield
-    allowed = fork_server_and_helpers()
+    allowed = fork_server_and_helpers() | CLUSTER_PIDS
     left = children_of_this_process() - allowed
     if left:
         states = {pid: state_of(pid) for pid in sorted(left)}  # Z: exited, not reaped

@@ -182,6 +182,10 @@ class DaskPool:
         self._waiters: collections.deque[asyncio.Future[str]] = collections.deque()
         self._refused: set[str] = set()
         self._handles: set[Handle[Any]] = set()
+        self._background: set[asyncio.Future[None]] = set()
+        # Stopping a call on its worker: SIGTERM, grace, SIGKILL, aioproc.run's
+        # bounded wait after it, and the trip there and back.
+        self._stop_bound = self._grace + _KILL_WAIT + _MARGIN
 
     def __repr__(self) -> str:
         where = self._address if isinstance(self._address, str) else (
@@ -281,6 +285,8 @@ class DaskPool:
     async def _shutdown(self) -> None:
         for waiter in self._waiters:
             waiter.cancel()
+        if self._background:  # stop requests still on their way: a last chance
+            await asyncio.wait(self._background, timeout=_MARGIN)
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):
@@ -441,12 +447,12 @@ class DaskPool:
             try:
                 await asyncio.wait({answer, lost}, timeout=deadline, return_when="FIRST_COMPLETED")
             except asyncio.CancelledError:
-                await self._stop(client, future, address, key)
+                await self._stop(client, future, address, key, self._stop_bound)
                 raise
             if answer.done():
                 return self._decode(answer.result())
-            await self._stop(client, future, address, key)
             if lost.done():
+                await self._stop(client, future, address, key, self._stop_bound)
                 raise WorkerLost(
                     f"Dask worker {address} was lost while it ran {name}() (key {key}); the "
                     "call was not run again: create the DaskPool with retries=N to run it "
@@ -454,6 +460,8 @@ class DaskPool:
                     worker=address,
                     key=key,
                 )
+            # The worker does not answer: tell it to stop, but do not wait long.
+            await self._stop(client, future, address, key, _MARGIN)
             raise ProcessTimeout(
                 f"no answer from Dask worker {address} for {name}() within {deadline:g} s "
                 f"(the timeout of {timeout:g} s, the {self._grace:g} s grace period and a "
@@ -469,8 +477,14 @@ class DaskPool:
                 del self._workers[address].calls[key]
             future.release()
 
-    async def _stop(self, client: Client, future: Future, address: str, key: str) -> None:
-        """Stop the call on its worker and cancel its key; bounded, whatever happens."""
+    async def _stop(
+        self, client: Client, future: Future, address: str, key: str, bound: float
+    ) -> None:
+        """Stop the call on its worker and cancel its key; wait *bound* seconds at most.
+
+        What is not done by then goes on in the background (a worker that does
+        not answer must not hold the caller up), until the client closes.
+        """
 
         async def stop() -> None:
             with contextlib.suppress(Exception):
@@ -481,9 +495,10 @@ class DaskPool:
                 await client.cancel([future])
 
         tasks = {asyncio.ensure_future(stop()), asyncio.ensure_future(cancel())}
-        await asyncio.wait(tasks, timeout=self._grace + _KILL_WAIT + _MARGIN)
+        self._background |= tasks
         for task in tasks:
-            task.cancel()
+            task.add_done_callback(self._background.discard)
+        await asyncio.wait(tasks, timeout=bound)
 
     @staticmethod
     def _decode(outcome: tuple[Any, ...]) -> Any:
