@@ -1,4 +1,6 @@
-"""``aioproc.dask``: the calls of ``aioproc.Pool`` on a Dask cluster (``pip install aioproc[dask]``).
+"""``aioproc.dask``: the calls of ``aioproc.Pool`` on a Dask cluster.
+
+Install with ``pip install aioproc[dask]``.
 
 ``DaskPool`` has the interface of ``aioproc.Pool``: code written against
 ``pool.run`` and ``pool.map`` moves to a cluster by constructing the other
@@ -8,8 +10,7 @@ does.
 
 from __future__ import annotations
 
-from ._dask._errors import DaemonicWorkers as DaemonicWorkers
-from ._dask._errors import WorkerLost as WorkerLost
-from ._dask._pool import DaskPool as DaskPool
+from ._dask._errors import DaemonicWorkers, WorkerLost
+from ._dask._pool import DaskPool
 
 __all__ = ["DaemonicWorkers", "DaskPool", "WorkerLost"]

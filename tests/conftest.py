@@ -20,13 +20,14 @@ import aioproc
 from aioproc._watchers import pidfd
 
 from .dask_fixtures import CLUSTER_PIDS
-from .dask_fixtures import dask_cluster as dask_cluster
 from .helpers import children_of_this_process, fork_server_and_helpers, state_of
 
 # Threads make os.fork() warn on Python >= 3.12.  Two kinds exist in these tests by
 # design: the thread watcher's, and the I/O thread of trio's guest mode, which
 # anyio's pytest plugin uses.  Only there is the warning ignored; the test that
 # proves aioproc itself creates no thread runs its own loop without the plugin.
+pytest_plugins = ["tests.dask_fixtures"]  # the session's Dask cluster
+
 FORK_THREAD_WARNING = pytest.mark.filterwarnings(
     "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"
 )

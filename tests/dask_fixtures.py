@@ -42,7 +42,8 @@ class Cluster:
         self.worker_pids: dict[str, int] = info["pids"]
 
     def close(self) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.proc.stdin.close()
         try:
             self.proc.wait(60)

@@ -60,8 +60,11 @@ class Handle(Generic[T]):
     def failed(self) -> bool:
         """Done with an exception (other than a cancellation)."""
         task = self.task
-        return self._done and task is not None and not task.cancelled() and (
-            task.exception() is not None
+        return (
+            self._done
+            and task is not None
+            and not task.cancelled()
+            and (task.exception() is not None)
         )
 
     async def wait(self) -> None:
@@ -88,6 +91,11 @@ class Handle(Generic[T]):
             self._cancel(self)
 
 
+def _cancel_task(handle: Handle[Any]) -> None:
+    if handle.task is not None:
+        handle.task.cancel()
+
+
 class ClientLoop:
     """The asyncio loop the Dask client lives on; ``spawn`` starts a coroutine there."""
 
@@ -98,15 +106,11 @@ class ClientLoop:
             self.loop = asyncio.get_running_loop()
             return
         if self.library != "trio":
-            raise RuntimeError(
-                f"DaskPool runs on asyncio, uvloop or trio, not {self.library}"
-            )
+            raise RuntimeError(f"DaskPool runs on asyncio, uvloop or trio, not {self.library}")
         import trio
 
         self._token = trio.lowlevel.current_trio_token()
-        started: concurrent.futures.Future[asyncio.AbstractEventLoop] = (
-            concurrent.futures.Future()
-        )
+        started: concurrent.futures.Future[asyncio.AbstractEventLoop] = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._serve, args=(started,), name="aioproc-dask-client", daemon=True
         )
@@ -138,7 +142,7 @@ class ClientLoop:
     def spawn(self, make: Callable[[], Coroutine[Any, Any, T]]) -> Handle[T]:
         """Start ``make()`` as a task on the client loop; call this on the caller's loop."""
         if self._thread is None:
-            handle: Handle[T] = Handle(lambda h: h.task.cancel() if h.task else None)
+            handle: Handle[T] = Handle(_cancel_task)
             handle.task = task = self.loop.create_task(make())
             task.add_done_callback(lambda _: handle.fire())
             return handle
@@ -147,7 +151,7 @@ class ClientLoop:
 
         def cancel(h: Handle[T]) -> None:
             # Runs after create(): the loop runs threadsafe callbacks in order.
-            loop.call_soon_threadsafe(lambda: h.task.cancel() if h.task else None)
+            loop.call_soon_threadsafe(_cancel_task, h)
 
         handle = Handle(cancel)
 

@@ -133,13 +133,16 @@ class DaskPool:
         grace: float = 1.0,
         retries: int = 0,
     ) -> None:
-        if address is not None and not isinstance(address, str):
-            if not isinstance(getattr(address, "scheduler_address", None), str):
-                raise TypeError(
-                    "address must be a scheduler address such as 'tcp://host:8786', a "
-                    "distributed cluster object (with a scheduler_address) or None for a "
-                    f"local cluster, not {type(address).__name__}"
-                )
+        if not (
+            address is None
+            or isinstance(address, str)
+            or isinstance(getattr(address, "scheduler_address", None), str)
+        ):
+            raise TypeError(
+                "address must be a scheduler address such as 'tcp://host:8786', a "
+                "distributed cluster object (with a scheduler_address) or None for a "
+                f"local cluster, not {type(address).__name__}"
+            )
         if workers is not None:
             if isinstance(workers, bool) or not isinstance(workers, int):
                 raise TypeError(f"workers must be an int or None, not {type(workers).__name__}")
@@ -168,8 +171,10 @@ class DaskPool:
         self._n_workers = workers
         self._context = context
         self._grace = cast(
-            float, _check_number("grace", grace, allow_none=False, rule="the wait between "
-                                 "SIGTERM and SIGKILL")
+            float,
+            _check_number(
+                "grace", grace, allow_none=False, rule="the wait between SIGTERM and SIGKILL"
+            ),
         )
         self._retries = retries
         self._state = "new"
@@ -188,8 +193,10 @@ class DaskPool:
         self._stop_bound = self._grace + _KILL_WAIT + _MARGIN
 
     def __repr__(self) -> str:
-        where = self._address if isinstance(self._address, str) else (
-            "local cluster" if self._address is None else type(self._address).__name__
+        where = (
+            self._address
+            if isinstance(self._address, str)
+            else ("local cluster" if self._address is None else type(self._address).__name__)
         )
         return f"<DaskPool {where} {self._state}>"
 
@@ -197,9 +204,7 @@ class DaskPool:
 
     async def __aenter__(self) -> Self:
         if self._state != "new":
-            raise RuntimeError(
-                f"a DaskPool can be entered once ({self!r}); create a new DaskPool"
-            )
+            raise RuntimeError(f"a DaskPool can be entered once ({self!r}); create a new DaskPool")
         self._state = "opening"
         self._loop = ClientLoop()
         try:
@@ -320,7 +325,9 @@ class DaskPool:
         msg = event[1]
         action = msg.get("action") if isinstance(msg, dict) else None
         if action == "add-worker":
-            asyncio.ensure_future(self._join(msg["worker"]))
+            task = asyncio.ensure_future(self._join(msg["worker"]))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         elif action == "remove-worker":
             self._remove(msg["worker"])
 
@@ -408,7 +415,7 @@ class DaskPool:
 
     # -- one call (client loop) ----------------------------------------------------
 
-    async def _call(self, name: str, blob: bytes, timeout: float | None) -> Any:
+    async def _call(self, name: str, blob: bytes, timeout: float | None) -> Any:  # noqa: ASYNC109
         attempt = 0
         while True:
             address = await self._acquire()
@@ -421,7 +428,13 @@ class DaskPool:
             finally:
                 self._release(address)
 
-    async def _call_on(self, address: str, name: str, blob: bytes, timeout: float | None) -> Any:
+    async def _call_on(
+        self,
+        address: str,
+        name: str,
+        blob: bytes,
+        timeout: float | None,  # noqa: ASYNC109 - the worker's timeout, passed on
+    ) -> Any:
         client = self._client
         if client is None:
             raise RuntimeError("this DaskPool is closing; the call was not made")
@@ -445,7 +458,8 @@ class DaskPool:
         deadline = None if timeout is None else timeout + self._grace + _MARGIN
         try:
             try:
-                await asyncio.wait({answer, lost}, timeout=deadline, return_when="FIRST_COMPLETED")
+                waits: set[asyncio.Future[Any]] = {answer, lost}
+                await asyncio.wait(waits, timeout=deadline, return_when="FIRST_COMPLETED")
             except asyncio.CancelledError:
                 await self._stop(client, future, address, key, self._stop_bound)
                 raise
@@ -478,7 +492,7 @@ class DaskPool:
             future.release()
 
     async def _stop(
-        self, client: Client, future: Future, address: str, key: str, bound: float
+        self, client: Client, future: Future[Any], address: str, key: str, bound: float
     ) -> None:
         """Stop the call on its worker and cancel its key; wait *bound* seconds at most.
 
@@ -550,7 +564,9 @@ class DaskPool:
             ) from exc
         return name, blob, checked
 
-    def _spawn(self, loop: ClientLoop, name: str, blob: bytes, timeout: float | None) -> Handle[Any]:
+    def _spawn(
+        self, loop: ClientLoop, name: str, blob: bytes, timeout: float | None
+    ) -> Handle[Any]:
         handle: Handle[Any] = loop.spawn(lambda: self._call(name, blob, timeout))
         self._handles.add(handle)
         handle.add_done_callback(lambda: self._handles.discard(handle))

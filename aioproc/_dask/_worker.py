@@ -117,7 +117,7 @@ def daemonic_message(workers: list[str]) -> str:
 async def execute(
     key: str,
     call: PickledCall,
-    timeout: float | None,
+    timeout: float | None,  # noqa: ASYNC109 - aioproc.run's, which stops the child
     grace: float,
     context: str | None,
 ) -> Outcome:
