@@ -19,15 +19,14 @@ import uvloop
 import aioproc
 from aioproc._watchers import pidfd
 
-from .dask_fixtures import CLUSTER_PIDS
 from .helpers import children_of_this_process, fork_server_and_helpers, state_of
+
+pytest_plugins = ["tests.dask_fixtures"]  # the session's Dask cluster
 
 # Threads make os.fork() warn on Python >= 3.12.  Two kinds exist in these tests by
 # design: the thread watcher's, and the I/O thread of trio's guest mode, which
 # anyio's pytest plugin uses.  Only there is the warning ignored; the test that
 # proves aioproc itself creates no thread runs its own loop without the plugin.
-pytest_plugins = ["tests.dask_fixtures"]  # the session's Dask cluster
-
 FORK_THREAD_WARNING = pytest.mark.filterwarnings(
     "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"
 )
@@ -84,6 +83,8 @@ def _force_watcher(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _no_child_left_behind() -> Iterator[None]:
     yield
+    from .dask_fixtures import CLUSTER_PIDS  # loaded as a plugin, after this file
+
     allowed = fork_server_and_helpers() | CLUSTER_PIDS
     left = children_of_this_process() - allowed
     if left:
