@@ -35,6 +35,7 @@ import functools
 import inspect
 import math
 import multiprocessing
+import os
 import pickle
 import uuid
 import warnings
@@ -75,6 +76,9 @@ _MARGIN = 1.0
 # How long stopping a call on the worker may take: SIGTERM, grace, SIGKILL,
 # and the bounded wait after it that aioproc.run allows (5 s), plus the trip.
 _KILL_WAIT = 5.0
+# Calls on a worker-local aioproc.Pool instead of a fresh child each (see the
+# README's "Beyond one machine" for the measurements behind the choice).
+_REUSE = os.environ.get("AIOPROC_DASK_REUSE") == "1"
 
 
 def _name(func: Callable[..., object]) -> str:
@@ -177,6 +181,7 @@ class DaskPool:
             ),
         )
         self._retries = retries
+        self._reuse = _REUSE
         self._state = "new"
         self._loop: ClientLoop | None = None
         # Client-loop state:
@@ -445,9 +450,12 @@ class DaskPool:
             _worker.execute,
             key,
             PickledCall(name, blob),
-            timeout,
-            self._grace,
-            self._context,
+            {
+                "timeout": timeout,
+                "grace": self._grace,
+                "context": self._context,
+                "reuse": self._reuse,
+            },
             key=key,
             workers=[address],
             allow_other_workers=False,
@@ -466,7 +474,9 @@ class DaskPool:
             if answer.done():
                 return self._decode(answer.result())
             if lost.done():
-                await self._stop(client, future, address, key, self._stop_bound)
+                # Nothing to stop there: the worker is gone.  Drop the key, which
+                # would otherwise wait for that worker forever.
+                await self._stop(client, future, address, key, _MARGIN, worker_gone=True)
                 raise WorkerLost(
                     f"Dask worker {address} was lost while it ran {name}() (key {key}); the "
                     "call was not run again: create the DaskPool with retries=N to run it "
@@ -492,7 +502,14 @@ class DaskPool:
             future.release()
 
     async def _stop(
-        self, client: Client, future: Future[Any], address: str, key: str, bound: float
+        self,
+        client: Client,
+        future: Future[Any],
+        address: str,
+        key: str,
+        bound: float,
+        *,
+        worker_gone: bool = False,
     ) -> None:
         """Stop the call on its worker and cancel its key; wait *bound* seconds at most.
 
@@ -508,7 +525,9 @@ class DaskPool:
             with contextlib.suppress(Exception):
                 await client.cancel([future])
 
-        tasks = {asyncio.ensure_future(stop()), asyncio.ensure_future(cancel())}
+        tasks = {asyncio.ensure_future(cancel())}
+        if not worker_gone:
+            tasks.add(asyncio.ensure_future(stop()))
         self._background |= tasks
         for task in tasks:
             task.add_done_callback(self._background.discard)

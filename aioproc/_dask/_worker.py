@@ -29,6 +29,8 @@ the cause is where the child's traceback lives.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import multiprocessing.process
 import pickle
 import time
@@ -62,12 +64,60 @@ class _Running:
         self.finished = anyio.Event()
 
 
+class _LocalPool:
+    """A worker-local ``aioproc.Pool``, held open by a task on the worker's loop."""
+
+    def __init__(self, workers: int, context: str, grace: float) -> None:
+        self._pool: Any = None
+        self._ready = anyio.Event()
+        self._closing = anyio.Event()
+        self._error: BaseException | None = None
+        self._task = asyncio.ensure_future(self._serve(workers, context, grace))
+
+    async def _serve(self, workers: int, context: str, grace: float) -> None:
+        try:
+            async with aioproc.Pool(workers, context=context, grace=grace) as pool:  # type: ignore[attr-defined]
+                self._pool = pool
+                self._ready.set()
+                await self._closing.wait()
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._ready.set()
+
+    async def run(self, call: PickledCall, timeout: float | None) -> Any:  # noqa: ASYNC109
+        await self._ready.wait()
+        if self._pool is None:
+            raise RuntimeError(f"the worker's aioproc.Pool did not start: {self._error!r}")
+        return await self._pool.run(call, timeout=timeout)
+
+    async def close(self) -> None:
+        self._closing.set()
+        with contextlib.suppress(BaseException):
+            await self._task
+
+
 class CallRegistry(WorkerPlugin):
     """The calls running on this worker, by Dask key, and the keys stopped early."""
 
     def __init__(self) -> None:
         self.running: dict[str, _Running] = {}
         self.doomed: dict[str, float] = {}
+        self.pools: dict[tuple[str, float], _LocalPool] = {}
+
+    def local_pool(self, nthreads: int, context: str, grace: float) -> _LocalPool:
+        """The worker-local ``aioproc.Pool`` for these settings, started on first use."""
+        pool = self.pools.get((context, grace))
+        if pool is None:
+            pool = self.pools[context, grace] = _LocalPool(nthreads, context, grace)
+        return pool
+
+    async def teardown(self, worker: Worker) -> None:
+        """The worker closes: its local pools stop their children."""
+        pools, self.pools = self.pools, {}
+        for pool in pools.values():
+            await pool.close()
 
     def transition(self, key: object, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         """Stop the call whose key the worker lets go of while it executes."""
@@ -114,19 +164,16 @@ def daemonic_message(workers: list[str]) -> str:
     )
 
 
-async def execute(
-    key: str,
-    call: PickledCall,
-    timeout: float | None,  # noqa: ASYNC109 - aioproc.run's, which stops the child
-    grace: float,
-    context: str | None,
-) -> Outcome:
+async def execute(key: str, call: PickledCall, options: dict[str, Any]) -> Outcome:
     """The task ``DaskPool`` submits: ``call()`` in a child of this worker.
 
+    *options*: ``timeout``, ``grace``, ``context`` (start method or None) and
+    ``reuse`` (a worker-local ``aioproc.Pool`` instead of a fresh child).
     Returns ``("value", value)``, ``("raised", ...)`` (see ``_outcome``), or
     ``("cancelled",)`` when the call was stopped (or never started) because
     its key was let go of.
     """
+    timeout, grace, context = options["timeout"], options["grace"], options["context"]
     worker = get_worker()
     if daemonic():
         return _outcome(DaemonicWorkers(daemonic_message([worker.address])), worker.address)
@@ -139,9 +186,13 @@ async def execute(
     try:
         with running.scope:
             try:
-                value = await aioproc.run(
-                    call, timeout=timeout, context=context or DEFAULT_CONTEXT, grace=grace
-                )
+                if options["reuse"]:
+                    pool = calls.local_pool(worker.state.nthreads, context or "forkserver", grace)
+                    value = await pool.run(call, timeout)
+                else:
+                    value = await aioproc.run(
+                        call, timeout=timeout, context=context or DEFAULT_CONTEXT, grace=grace
+                    )
             except Exception as exc:
                 return _outcome(exc, worker.address)
             return ("value", value)
