@@ -7,7 +7,10 @@ daemonic) serves every way, in one run:
 
 - ``client.submit``: plain Dask, the function in the worker's thread (no
   child, no kill on timeout or cancel: the baseline);
-- ``DaskPool`` with a fresh child per call, fork and forkserver on the worker.
+- ``client.submit`` with at most 2 calls in flight, as many as DaskPool
+  lets run at once on this cluster (it waits for a free slot client-side);
+- ``DaskPool`` with a worker-local ``aioproc.Pool`` (where aioproc has one),
+  and with a fresh child per call, fork and forkserver on the worker.
 
 For each: p50 of a trivial call made one at a time, and throughput with
 ``--calls`` calls in flight.  Then, on the pool: timeout, cancellation, crash
@@ -27,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 
 def trivial() -> int:
@@ -35,9 +38,11 @@ def trivial() -> int:
 
 
 def pids_and_sleep(path: str) -> None:
+    from tests.dask_targets import dask_worker_pid
+
     grandchild = subprocess.Popen(["sleep", "300"])
     with open(path + ".tmp", "w") as f:
-        f.write(f"{os.getppid()} {os.getpid()} {grandchild.pid}\n")
+        f.write(f"{dask_worker_pid()} {os.getpid()} {grandchild.pid}\n")
     os.rename(path + ".tmp", path)
     time.sleep(300)
 
@@ -55,14 +60,14 @@ def _running(pid: int) -> bool:
 
 
 async def _pids(path: str) -> list[int]:
-    while not os.path.exists(path):  # noqa: ASYNC240 - a stat
+    while not os.path.exists(path):  # noqa: ASYNC110, ASYNC240 - a stat per poll
         await asyncio.sleep(0.002)
     with open(path) as f:  # noqa: ASYNC230 - written whole, renamed
         return [int(p) for p in f.read().split()]
 
 
 async def _gone_after(start: float, *pids: int) -> float:
-    while any(_running(pid) for pid in pids):
+    while any(_running(pid) for pid in pids):  # noqa: ASYNC110 - /proc is the truth
         await asyncio.sleep(0.001)
     return time.perf_counter() - start
 
@@ -153,31 +158,42 @@ async def main(calls: int, rounds: int) -> None:
                 async def submit() -> Any:
                     return await client.submit(trivial, pure=False)
 
+                two = asyncio.Semaphore(2)
+
+                async def submit_two() -> Any:
+                    async with two:
+                        return await submit()
+
+                base_p50 = await _p50(submit, rounds)
+                rows.append(("client.submit (no child)", base_p50, await _rate(submit, calls)))
                 rows.append(
-                    (
-                        "client.submit (no child)",
-                        await _p50(submit, rounds),
-                        await _rate(submit, calls),
-                    )
+                    ("client.submit, 2 in flight", base_p50, await _rate(submit_two, calls))
                 )
-            for context in ("fork", "forkserver"):
+            import aioproc
+
+            ways = [("pool", "fork"), ("fresh", "fork"), ("fresh", "forkserver")]
+            if "Pool" not in aioproc.__all__:
+                ways = ways[1:]
+            for child, context in ways:
                 async with DaskPool(cluster, context=context) as pool:
+                    pool._child = child
 
                     async def run(pool: DaskPool = pool) -> Any:
                         return await pool.run(trivial)
 
+                    label = "worker-local Pool" if child == "pool" else "fresh child"
                     rows.append(
                         (
-                            f"DaskPool, fresh {context} child",
+                            f"DaskPool, {label} ({context})",
                             await _p50(run, rounds),
                             await _rate(run, calls),
                         )
                     )
             base_p50, base_rate = rows[0][1], rows[0][2]
-            print(f"{'way':34} {'p50 ms':>8} {'x base':>7} {'calls/s':>8} {'x base':>7}")
+            print(f"{'way':40} {'p50 ms':>8} {'x base':>7} {'calls/s':>8} {'x base':>7}")
             for name, p50, rate in rows:
                 print(
-                    f"{name:34} {p50 * 1e3:8.1f} {p50 / base_p50:7.1f} {rate:8.0f} "
+                    f"{name:40} {p50 * 1e3:8.1f} {p50 / base_p50:7.1f} {rate:8.0f} "
                     f"{rate / base_rate:7.2f}"
                 )
             with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +203,7 @@ async def main(calls: int, rounds: int) -> None:
             for what, seconds in figures.items():
                 print(f"{what:55} {seconds * 1e3:8.1f} ms")
         finally:
-            await cluster.close()
+            await cast(Any, cluster).close()
 
 
 if __name__ == "__main__":

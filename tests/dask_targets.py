@@ -12,10 +12,26 @@ class Refused(Exception):
     """An exception type of the caller's own, to check that types survive."""
 
 
+def dask_worker_pid() -> int:
+    """The Dask worker this child runs for: the nearest ancestor the nanny spawned.
+
+    Not always the parent: a child of a worker-local forkserver Pool is the
+    fork server's.
+    """
+    pid = os.getppid()
+    while pid > 1:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                return pid
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    raise RuntimeError(f"process {os.getpid()} does not run under a Dask worker")
+
+
 def pids_and_sleep(path: str, seconds: float) -> None:
     """Start a grandchild, write "worker child grandchild" pids to *path*, then sleep."""
     grandchild = subprocess.Popen(["sleep", "300"])
-    _write(path, f"{os.getppid()} {os.getpid()} {grandchild.pid}\n")
+    _write(path, f"{dask_worker_pid()} {os.getpid()} {grandchild.pid}\n")
     time.sleep(seconds)
 
 
@@ -27,7 +43,7 @@ def leave_grandchild() -> tuple[int, int]:
 
 def where() -> tuple[int, int]:
     """(worker pid, child pid)."""
-    return os.getppid(), os.getpid()
+    return dask_worker_pid(), os.getpid()
 
 
 def refuse(value: int) -> None:

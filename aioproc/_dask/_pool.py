@@ -76,9 +76,11 @@ _MARGIN = 1.0
 # How long stopping a call on the worker may take: SIGTERM, grace, SIGKILL,
 # and the bounded wait after it that aioproc.run allows (5 s), plus the trip.
 _KILL_WAIT = 5.0
-# Calls on a worker-local aioproc.Pool instead of a fresh child each (see the
-# README's "Beyond one machine" for the measurements behind the choice).
-_REUSE = os.environ.get("AIOPROC_DASK_REUSE") == "1"
+# How each worker runs a call: "pool" (a worker-local aioproc.Pool), "fresh"
+# (aioproc.run, a new child each), or None: the pool where the worker's aioproc
+# has one.  For measurements (benchmarks.dask_quick); see the README's "Beyond
+# one machine" for the figures behind the default.
+_CHILD = os.environ.get("AIOPROC_DASK_CHILD") or None
 
 
 def _name(func: Callable[..., object]) -> str:
@@ -181,7 +183,9 @@ class DaskPool:
             ),
         )
         self._retries = retries
-        self._reuse = _REUSE
+        if _CHILD not in (None, "pool", "fresh"):
+            raise ValueError(f"AIOPROC_DASK_CHILD must be 'pool' or 'fresh', not {_CHILD!r}")
+        self._child = _CHILD
         self._state = "new"
         self._loop: ClientLoop | None = None
         # Client-loop state:
@@ -454,7 +458,7 @@ class DaskPool:
                 "timeout": timeout,
                 "grace": self._grace,
                 "context": self._context,
-                "reuse": self._reuse,
+                "child": self._child,
             },
             key=key,
             workers=[address],

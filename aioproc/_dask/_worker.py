@@ -49,8 +49,13 @@ if TYPE_CHECKING:
     from distributed import Worker
 
 PLUGIN_NAME = "aioproc-calls"
-#: The start method on a worker when the pool is given none (see ``DaskPool``).
+#: The start method on a worker when the pool is given none.  fork: a child of
+#: the worker dies with it (die_with_parent), where a forkserver child outlives
+#: it; a fresh fork child costs 15-25 ms here, a forkserver one 300 ms (each
+#: re-imports the worker's main module, which imports Dask).  The fork from a
+#: multi-threaded worker happens once per local pool worker, not per call.
 DEFAULT_CONTEXT = "fork"
+_HAS_POOL = "Pool" in getattr(aioproc, "__all__", ())
 # A call stopped before it started stays marked this long, in case the worker
 # is told to start it after all (a message that was on its way).
 _DOOMED_FOR = 600.0
@@ -168,7 +173,8 @@ async def execute(key: str, call: PickledCall, options: dict[str, Any]) -> Outco
     """The task ``DaskPool`` submits: ``call()`` in a child of this worker.
 
     *options*: ``timeout``, ``grace``, ``context`` (start method or None) and
-    ``reuse`` (a worker-local ``aioproc.Pool`` instead of a fresh child).
+    ``child``: ``"pool"`` (a worker-local ``aioproc.Pool``), ``"fresh"``
+    (``aioproc.run``), or None (the pool where this aioproc has one).
     Returns ``("value", value)``, ``("raised", ...)`` (see ``_outcome``), or
     ``("cancelled",)`` when the call was stopped (or never started) because
     its key was let go of.
@@ -186,8 +192,10 @@ async def execute(key: str, call: PickledCall, options: dict[str, Any]) -> Outco
     try:
         with running.scope:
             try:
-                if options["reuse"]:
-                    pool = calls.local_pool(worker.state.nthreads, context or "forkserver", grace)
+                if options["child"] == "pool" or (options["child"] is None and _HAS_POOL):
+                    pool = calls.local_pool(
+                        worker.state.nthreads, context or DEFAULT_CONTEXT, grace
+                    )
                     value = await pool.run(call, timeout)
                 else:
                     value = await aioproc.run(
