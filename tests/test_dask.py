@@ -32,6 +32,18 @@ from .test_guarantees import modules_after
 
 pytestmark = pytest.mark.timeout(120)
 
+HAS_POOL = "Pool" in aioproc.__all__
+
+
+@pytest.fixture(params=["pool", "fresh"])
+def child_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How the workers run a call: a worker-local aioproc.Pool, or a fresh child each."""
+    mode: str = request.param
+    if mode == "pool" and not HAS_POOL:
+        pytest.skip("this aioproc has no Pool (SPEC 6, issue 12): workers use fresh children")
+    monkeypatch.setenv("AIOPROC_DASK_CHILD", mode)
+    return mode
+
 
 async def read_pids(path: Path) -> list[int]:
     """Wait for the function on the worker to write its pids (the handshake)."""
@@ -58,13 +70,16 @@ async def wait_gone(*pids: int) -> float:
 # -- results -------------------------------------------------------------------------
 
 
-async def test_run_returns_the_value_from_a_child_of_a_worker(dask_cluster: Cluster) -> None:
+async def test_run_returns_the_value_from_a_child_of_a_worker(
+    dask_cluster: Cluster, child_mode: str
+) -> None:
     async with DaskPool(dask_cluster.address) as pool:
         assert await pool.run(targets.square, 7) == 49
         worker_pid, child_pid = await pool.run(targets.where)
     assert worker_pid in dask_cluster.worker_pids.values()
     assert child_pid != worker_pid
-    assert not running(child_pid)
+    if child_mode == "fresh":
+        assert not running(child_pid)
 
 
 async def test_a_local_function_and_a_lambda_travel_by_value(dask_cluster: Cluster) -> None:
@@ -138,7 +153,9 @@ async def test_an_exception_that_cannot_be_unpickled_is_a_remote_error(
     assert isinstance(info.value.__cause__, aioproc.RemoteTraceback)
 
 
-async def test_a_crash_is_process_died_and_the_worker_lives_on(dask_cluster: Cluster) -> None:
+async def test_a_crash_is_process_died_and_the_worker_lives_on(
+    dask_cluster: Cluster, child_mode: str
+) -> None:
     async with DaskPool(dask_cluster.address) as pool:
         with pytest.raises(aioproc.ProcessDied, match="SIGSEGV") as info:
             await pool.run(targets.segfault)
@@ -152,7 +169,7 @@ async def test_a_crash_is_process_died_and_the_worker_lives_on(dask_cluster: Clu
 
 
 async def test_timeout_stops_child_and_grandchild_on_the_worker(
-    dask_cluster: Cluster, tmp_path: Path
+    dask_cluster: Cluster, tmp_path: Path, child_mode: str
 ) -> None:
     path = tmp_path / "pids"
     async with DaskPool(dask_cluster.address) as pool:
@@ -167,7 +184,7 @@ async def test_timeout_stops_child_and_grandchild_on_the_worker(
 
 
 async def test_cancellation_stops_child_and_grandchild_on_the_worker(
-    dask_cluster: Cluster, tmp_path: Path
+    dask_cluster: Cluster, tmp_path: Path, child_mode: str
 ) -> None:
     path = tmp_path / "pids"
     async with DaskPool(dask_cluster.address) as pool:
@@ -183,10 +200,14 @@ async def test_cancellation_stops_child_and_grandchild_on_the_worker(
         assert await pool.run(targets.square, 3) == 9
 
 
-async def test_a_call_leaves_no_process_on_the_worker(dask_cluster: Cluster) -> None:
+async def test_a_call_leaves_no_process_on_the_worker(
+    dask_cluster: Cluster, child_mode: str
+) -> None:
+    """What the function left running is gone; a fresh child too (a pool's stays, idle)."""
     async with DaskPool(dask_cluster.address) as pool:
         child, grandchild = await pool.run(targets.leave_grandchild)
-    assert not running(child)
+    if child_mode == "fresh":
+        assert not running(child)
     await wait_gone(grandchild)
 
 
@@ -351,7 +372,7 @@ def test_trio_bridge_creates_no_thread_per_call(dask_cluster: Cluster) -> None:
 
 
 async def test_a_lost_worker_fails_its_calls_with_worker_lost(
-    dask_cluster: Cluster, tmp_path: Path
+    dask_cluster: Cluster, tmp_path: Path, child_mode: str
 ) -> None:
     path = tmp_path / "pids"
     async with DaskPool(dask_cluster.address) as pool:

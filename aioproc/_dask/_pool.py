@@ -76,11 +76,11 @@ _MARGIN = 1.0
 # How long stopping a call on the worker may take: SIGTERM, grace, SIGKILL,
 # and the bounded wait after it that aioproc.run allows (5 s), plus the trip.
 _KILL_WAIT = 5.0
-# How each worker runs a call: "pool" (a worker-local aioproc.Pool), "fresh"
-# (aioproc.run, a new child each), or None: the pool where the worker's aioproc
-# has one.  For measurements (benchmarks.dask_quick); see the README's "Beyond
-# one machine" for the figures behind the default.
-_CHILD = os.environ.get("AIOPROC_DASK_CHILD") or None
+# AIOPROC_DASK_CHILD, read by each new pool, says how the workers run a call:
+# "pool" (a worker-local aioproc.Pool), "fresh" (aioproc.run: a new child each),
+# or unset: the pool where the workers' aioproc has one.  For measurements and
+# tests; the README's "Beyond one machine" has the figures behind the default.
+_CHILD_VARIABLE = "AIOPROC_DASK_CHILD"
 
 
 def _name(func: Callable[..., object]) -> str:
@@ -183,9 +183,13 @@ class DaskPool:
             ),
         )
         self._retries = retries
-        if _CHILD not in (None, "pool", "fresh"):
-            raise ValueError(f"AIOPROC_DASK_CHILD must be 'pool' or 'fresh', not {_CHILD!r}")
-        self._child = _CHILD
+        child = os.environ.get(_CHILD_VARIABLE) or None
+        if child not in (None, "pool", "fresh"):
+            raise ValueError(
+                f"{_CHILD_VARIABLE} must be 'pool', 'fresh' or unset (the worker decides), "
+                f"not {child!r}"
+            )
+        self._child = child
         self._state = "new"
         self._loop: ClientLoop | None = None
         # Client-loop state:
