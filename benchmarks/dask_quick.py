@@ -196,12 +196,14 @@ async def main(calls: int, rounds: int) -> None:
                     f"{name:40} {p50 * 1e3:8.1f} {p50 / base_p50:7.1f} {rate:8.0f} "
                     f"{rate / base_rate:7.2f}"
                 )
-            with tempfile.TemporaryDirectory() as tmp:
-                async with DaskPool(cluster) as pool:
-                    figures = await stops(pool, tmp)
-            print()
-            for what, seconds in figures.items():
-                print(f"{what:55} {seconds * 1e3:8.1f} ms")
+            for child in ("pool", "fresh") if "Pool" in aioproc.__all__ else ("fresh",):
+                with tempfile.TemporaryDirectory() as tmp:
+                    async with DaskPool(cluster) as pool:
+                        pool._child = child
+                        figures = await stops(pool, tmp)
+                print(f"\nstopping, {'worker-local Pool' if child == 'pool' else 'fresh child'}:")
+                for what, seconds in figures.items():
+                    print(f"  {what:55} {seconds * 1e3:8.1f} ms")
         finally:
             await cast(Any, cluster).close()
 
