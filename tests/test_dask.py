@@ -9,6 +9,7 @@ reaped, or a zombie waiting for a reaper that is not ours.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -121,6 +122,30 @@ async def test_map_stops_at_the_first_error(dask_cluster: Cluster, tmp_path: Pat
                 pass
         pids = [int(p) for p in path.read_text().split()]
         await wait_gone(*pids[1:])
+
+
+async def test_leaving_map_early_stops_the_calls_in_flight(
+    dask_cluster: Cluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "pids"
+
+    def second_sleeps(i: int) -> int:
+        if i == 1:
+            targets.pids_and_sleep(str(path), 300)
+        import time as t
+
+        while not path.exists():
+            t.sleep(0.005)
+        return i
+
+    async with DaskPool(dask_cluster.address) as pool:
+        async with contextlib.aclosing(pool.map(second_sleeps, range(2))) as results:
+            async for value in results:
+                assert value == 0
+                break
+        _, child, grandchild = await read_pids(path)
+        assert not running(child)  # stopped before aclose() returned
+        await wait_gone(grandchild)
 
 
 # -- exceptions ----------------------------------------------------------------------

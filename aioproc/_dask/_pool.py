@@ -432,6 +432,8 @@ class DaskPool:
         attempt = 0
         while True:
             address = await self._acquire()
+            if address not in self._workers:
+                continue  # lost while the call waited to run: nothing was sent there
             try:
                 return await self._call_on(address, name, blob, timeout)
             except WorkerLost:
@@ -634,13 +636,24 @@ class DaskPool:
         At most about twice the cluster's capacity is in flight, so the
         iterable may be endless; results come in the input's order, or as
         they finish with ``ordered=False``.  The first error stops the calls
-        in flight (their children on the workers too) and is raised.
+        in flight (their children on the workers too) and is raised; leaving
+        the loop early (``break``, an exception, closing the iterator) stops
+        them too.
         """
         self._check_open()
         _check_number("timeout", timeout, allow_none=True, rule="None for no limit")
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, not {type(ordered).__name__}")
-        return _Map(self, func, iterable, timeout, ordered)
+        return self._map(_Map(self, func, iterable, timeout, ordered))
+
+    async def _map(self, calls: _Map[U, T]) -> AsyncIterator[T]:
+        # A generator, so that leaving the loop early (break, an exception) closes
+        # it and stops the calls in flight, as the event loop finalizes it.
+        try:
+            async for value in calls:
+                yield value
+        finally:
+            await calls.aclose()
 
 
 class _Map(Generic[U, T]):
@@ -717,9 +730,7 @@ class _Map(Generic[U, T]):
                         return cast(T, await self._take(head))
                 elif self._finished:
                     return cast(T, await self._take(self._finished[0]))
-                self._wake = anyio.Event()
-                if any(h.is_done() for h in self._finished) and not self._ordered:
-                    continue
+                self._wake = anyio.Event()  # callbacks run at awaits only: none lost
                 await self._wake.wait()
         except BaseException:
             await self.aclose()

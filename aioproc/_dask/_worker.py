@@ -81,7 +81,9 @@ class _LocalPool:
 
     async def _serve(self, workers: int, context: str, grace: float) -> None:
         try:
-            async with aioproc.Pool(workers, context=context, grace=grace) as pool:  # type: ignore[attr-defined]
+            # Not a name before aioproc.Pool (issue 12) is in; _HAS_POOL says whether.
+            pool_class: Any = getattr(aioproc, "Pool")  # noqa: B009
+            async with pool_class(workers, context=context, grace=grace) as pool:
                 self._pool = pool
                 self._ready.set()
                 await self._closing.wait()
