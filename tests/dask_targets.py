@@ -68,3 +68,17 @@ def _write(path: str, text: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.rename(path + ".tmp", path)
+
+
+def sleep_first_time(path: str) -> str:
+    """The first call records its pids and sleeps; a later one (a retry) returns."""
+    if os.path.exists(path):
+        return "again"
+    pids_and_sleep(path, 300)
+    return "first"
+
+
+def unpicklable_result() -> object:
+    import threading
+
+    return threading.Lock()

@@ -365,6 +365,11 @@ async def test_misuse_is_a_clear_error(dask_cluster: Cluster) -> None:
             await pool.run(cast(Any, anyio.sleep), 1)
         with pytest.raises(pickle.PicklingError, match="square"):
             await pool.run(targets.square, threading.Lock())  # type: ignore[arg-type]
+        with pytest.raises(pickle.PicklingError, match="lock") as info:
+            await pool.run(targets.unpicklable_result)
+        assert isinstance(info.value.__cause__, aioproc.RemoteTraceback)
+        with pytest.raises(RuntimeError, match="entered once"):
+            await pool.__aenter__()
     with pytest.raises(RuntimeError, match="closed"):
         await pool.run(targets.square, 1)
 
@@ -419,3 +424,23 @@ async def test_a_lost_worker_fails_its_calls_with_worker_lost(
         # outlive it: the worker that would kill its group is gone.
         await wait_gone(child)
         assert await pool.run(targets.square, 4) == 16  # the other worker
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+async def test_retries_run_a_call_again_on_another_worker(
+    dask_cluster: Cluster, tmp_path: Path
+) -> None:
+    """Only when asked: ``retries=1``."""
+    path = tmp_path / "pids"
+    result: list[str] = []
+    async with DaskPool(dask_cluster.address, retries=1) as pool, anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            result.append(await pool.run(targets.sleep_first_time, str(path)))
+
+        with anyio.fail_after(60):
+            tg.start_soon(call)
+            worker, _, grandchild = await read_pids(path)
+            with killed_afterwards(grandchild):
+                os.kill(worker, signal.SIGKILL)
+    assert result == ["again"]

@@ -39,7 +39,14 @@ import os
 import pickle
 import uuid
 import warnings
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -630,7 +637,7 @@ class DaskPool:
         *,
         timeout: float | None = None,
         ordered: bool = True,
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """``func(item)`` for every item, as an async iterator (``async for``).
 
         At most about twice the cluster's capacity is in flight, so the
@@ -646,7 +653,7 @@ class DaskPool:
             raise TypeError(f"ordered must be True or False, not {type(ordered).__name__}")
         return self._map(_Map(self, func, iterable, timeout, ordered))
 
-    async def _map(self, calls: _Map[U, T]) -> AsyncIterator[T]:
+    async def _map(self, calls: _Map[U, T]) -> AsyncGenerator[T, None]:
         # A generator, so that leaving the loop early (break, an exception) closes
         # it and stops the calls in flight, as the event loop finalizes it.
         try:
