@@ -21,7 +21,7 @@ from aioproc._watchers import pidfd
 
 from .helpers import children_of_this_process, fork_server_and_helpers, state_of
 
-pytest_plugins = ["tests.dask_fixtures"]  # the session's Dask cluster
+pytest_plugins = ["tests.dask_fixtures"]  # the Dask tests' cluster
 
 # Threads make os.fork() warn on Python >= 3.12.  Two kinds exist in these tests by
 # design: the thread watcher's, and the I/O thread of trio's guest mode, which

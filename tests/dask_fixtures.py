@@ -1,4 +1,4 @@
-"""The session's Dask cluster: a real LocalCluster on 127.0.0.1, started by the tests.
+"""The Dask tests' cluster: a real LocalCluster on 127.0.0.1, started by the tests.
 
 It runs in a process of its own (``tests/dask_cluster.py``); that process is
 the one child of the test process the suite's check for leftovers allows.
@@ -55,9 +55,13 @@ class Cluster:
             CLUSTER_PIDS.discard(self.proc.pid)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dask_cluster() -> Iterator[Cluster]:
-    """LocalCluster(n_workers=2, threads_per_worker=1, processes=True), non-daemonic."""
+    """LocalCluster(n_workers=2, threads_per_worker=1, processes=True), non-daemonic.
+
+    One per test module, not per session: other modules count this process's
+    children, and the cluster must be gone before they run.
+    """
     cluster = Cluster()
     try:
         yield cluster
