@@ -388,7 +388,8 @@ class DaskPool:
 
     def capacity(self) -> int:
         """How many calls the cluster can run at once (its workers' threads)."""
-        return sum(w.nthreads for w in self._workers.values())
+        # Read from the caller's thread too (trio): copy first, in one step.
+        return sum(w.nthreads for w in list(self._workers.values()))
 
     def _free(self) -> _Worker | None:
         best: _Worker | None = None

@@ -99,6 +99,9 @@ class _LocalPool:
             raise RuntimeError(f"the worker's aioproc.Pool did not start: {self._error!r}")
         return await self._pool.run(call, timeout=timeout)
 
+    def ended(self) -> bool:
+        return self._task.done()
+
     async def close(self) -> None:
         self._closing.set()
         with contextlib.suppress(BaseException):
@@ -116,7 +119,7 @@ class CallRegistry(WorkerPlugin):
     def local_pool(self, nthreads: int, context: str, grace: float) -> _LocalPool:
         """The worker-local ``aioproc.Pool`` for these settings, started on first use."""
         pool = self.pools.get((context, grace))
-        if pool is None:
+        if pool is None or pool.ended():  # never started, or failed to: try again
             pool = self.pools[context, grace] = _LocalPool(nthreads, context, grace)
         return pool
 
