@@ -370,6 +370,20 @@ async def test_misuse_is_a_clear_error(dask_cluster: Cluster) -> None:
         assert isinstance(info.value.__cause__, aioproc.RemoteTraceback)
         with pytest.raises(RuntimeError, match="entered once"):
             await pool.__aenter__()
+        errors: list[BaseException] = []
+
+        def from_another_loop() -> None:
+            try:
+                anyio.run(pool.run, targets.square, 1)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=from_another_loop)
+        thread.start()
+        thread.join()  # the refusal comes before any await
+        assert len(errors) == 1
+        assert isinstance(errors[0], RuntimeError)
+        assert "belongs to the event loop" in str(errors[0])
     with pytest.raises(RuntimeError, match="closed"):
         await pool.run(targets.square, 1)
 
