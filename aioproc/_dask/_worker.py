@@ -2,16 +2,20 @@
 
 Theory of operation.  ``DaskPool`` submits ``execute`` as a Dask task.  It is
 a coroutine function, so the worker runs it on its event loop instead of in
-its thread pool, and it holds no thread while the call runs: it awaits
-``aioproc.run`` (a fresh child, its own process group, killed with the call).
-The worker's Dask slot stays taken meanwhile, so the cluster runs as many
-calls at once as it has threads.
+its thread pool, and it holds no thread while the call runs: it awaits the
+call in a child of the worker, on a worker-local ``aioproc.Pool`` (one per
+start method and grace period, as many workers as the Dask worker has
+threads, kept open by a task on the worker's loop and closed with the worker)
+where this aioproc has ``Pool``, else in a fresh child from ``aioproc.run``.
+Either way the child leads its own process group, and what the call leaves
+running is killed when it ends.  The worker's Dask slot stays taken meanwhile,
+so the cluster runs as many calls at once as it has threads.
 
 Dask cannot stop a running task (``client.cancel`` returns, the task runs on:
 dask/distributed#4694).  Here every running call is registered, by its Dask
 key, in a ``CallRegistry`` — a worker plugin installed on first use — with the
-anyio cancel scope around its ``aioproc.run``.  Two things cancel that scope,
-and ``aioproc.run`` then stops the child and its group (SIGTERM, grace,
+anyio cancel scope around the call.  Two things cancel that scope, and the
+pool or ``aioproc.run`` then stops the child and its group (SIGTERM, grace,
 SIGKILL) before the task returns:
 
 - ``stop_call``, which the client runs on the worker when its caller is
