@@ -27,6 +27,7 @@ import aioproc
 from aioproc.dask import DaemonicWorkers, DaskPool, WorkerLost
 
 from . import dask_targets as targets
+from .conftest import FORK_THREAD_WARNING
 from .dask_fixtures import Cluster
 from .helpers import killed_afterwards, state_of
 from .test_guarantees import modules_after
@@ -409,6 +410,49 @@ def test_trio_bridge_creates_no_thread_per_call(dask_cluster: Cluster) -> None:
     assert most - idle <= 1  # Dask's own offload thread may start once
     assert idle - before <= 2
     assert threading.active_count() <= before + 1  # the client loop's thread is gone
+
+
+# -- the same contract as aioproc.Pool ------------------------------------------------
+
+
+@pytest.fixture(params=["Pool", "DaskPool"])
+def either_pool(request: pytest.FixtureRequest, dask_cluster: Cluster) -> Any:
+    """An aioproc.Pool on this machine, or a DaskPool on the cluster: same calls."""
+    if request.param == "Pool":
+        if not HAS_POOL:
+            pytest.skip("this aioproc has no Pool (SPEC 6, issue 12)")
+        pool_class: Any = getattr(aioproc, "Pool")  # noqa: B009 - not a name before issue 12
+        return pool_class(2, context="fork")
+    return DaskPool(dask_cluster.address)
+
+
+@FORK_THREAD_WARNING
+async def test_both_pools_keep_the_same_contract(either_pool: Any, tmp_path: Path) -> None:
+    async with either_pool as pool:
+        assert await pool.run(targets.square, 5) == 25
+        assert [x async for x in pool.map(targets.square, [1, 2, 3])] == [1, 4, 9]
+        with pytest.raises(targets.Refused) as refused:
+            await pool.run(targets.refuse, 1)
+        assert isinstance(refused.value.__cause__, aioproc.RemoteTraceback)
+        with pytest.raises(aioproc.ProcessDied) as died:
+            await pool.run(targets.segfault)
+        assert died.value.exitcode == -signal.SIGSEGV
+        path = tmp_path / "timeout"
+        with pytest.raises(aioproc.ProcessTimeout) as timed_out:
+            await pool.run(targets.pids_and_sleep, str(path), 300, timeout=0.3)
+        assert isinstance(timed_out.value, TimeoutError)
+        _, child, grandchild = await read_pids(path)
+        assert not running(child)
+        await wait_gone(grandchild)
+        path = tmp_path / "cancel"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, targets.pids_and_sleep, str(path), 300)
+            _, child, grandchild = await read_pids(path)
+            tg.cancel_scope.cancel()
+        assert not running(child)
+        await wait_gone(grandchild)
+        _, grandchild = await pool.run(targets.leave_grandchild)
+        await wait_gone(grandchild)
 
 
 # Last: the nanny restarts the worker killed here, under another address, while
