@@ -237,6 +237,26 @@ async def test_a_call_leaves_no_process_on_the_worker(
     await wait_gone(grandchild)
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01, 0.05])
+async def test_a_call_cancelled_at_any_moment_leaves_nothing_running(
+    dask_cluster: Cluster, tmp_path: Path, delay: float
+) -> None:
+    """Cancelled on its way (submitted, queued, starting, running): once the
+    cancellation returns, the call never starts, or what it started is gone."""
+    path = tmp_path / "pids"
+    async with DaskPool(dask_cluster.address) as pool:
+        with anyio.move_on_after(delay):
+            await pool.run(targets.pids_and_sleep, str(path), 300)
+        # Both workers answer a later call: what was on its way has arrived.
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(pool.run, targets.square, 2)
+        if os.path.exists(path):  # noqa: ASYNC240 - a stat
+            _, child, grandchild = await read_pids(path)
+            assert not running(child)
+            await wait_gone(grandchild)
+
+
 async def test_a_call_cancelled_while_it_waits_for_a_slot_starts_nothing(
     dask_cluster: Cluster, tmp_path: Path
 ) -> None:
