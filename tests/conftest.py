@@ -21,6 +21,8 @@ from aioproc._watchers import pidfd
 
 from .helpers import children_of_this_process, fork_server_and_helpers, state_of
 
+pytest_plugins = ["tests.dask_fixtures"]  # the Dask tests' cluster
+
 # Threads make os.fork() warn on Python >= 3.12.  Two kinds exist in these tests by
 # design: the thread watcher's, and the I/O thread of trio's guest mode, which
 # anyio's pytest plugin uses.  Only there is the warning ignored; the test that
@@ -81,7 +83,9 @@ def _force_watcher(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _no_child_left_behind() -> Iterator[None]:
     yield
-    allowed = fork_server_and_helpers()
+    from .dask_fixtures import CLUSTER_PIDS  # loaded as a plugin, after this file
+
+    allowed = fork_server_and_helpers() | CLUSTER_PIDS
     left = children_of_this_process() - allowed
     if left:
         states = {pid: state_of(pid) for pid in sorted(left)}  # Z: exited, not reaped
