@@ -173,7 +173,7 @@ async def _pebble(workers: int) -> AsyncIterator[Call]:
 
         yield call
     finally:
-        pool.stop()  # type: ignore[no-untyped-call]
+        pool.stop()  # type: ignore[no-untyped-call,unused-ignore]  # typed in some pebble versions
         pool.join(timeout=10)
 
 
