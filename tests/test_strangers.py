@@ -75,6 +75,11 @@ def kernel(request: pytest.FixtureRequest, watcher: str, monkeypatch: pytest.Mon
     return name
 
 
+def skip_impossible(watcher: str, context: str) -> None:
+    if watcher == "sigchld" and context == "forkserver":
+        pytest.skip("sigchld cannot watch a forkserver child (test_watchers.py checks the error)")
+
+
 @contextlib.contextmanager
 def sigchld_ignored(on: bool) -> Iterator[None]:
     """SIGCHLD set to SIG_IGN inside the block (if *on*): the kernel reaps our children."""
@@ -136,6 +141,7 @@ async def test_signals_never_reach_a_stranger_at_the_freed_pid(
 ) -> None:
     """terminate(), interrupt(), kill() after the pid was freed and taken: nothing arrives."""
     context, freed_by, group = case
+    skip_impossible(watcher, context)
     touched: list[str] = []
 
     async def scenario() -> tuple[Stranger | None, Callable[[], Awaitable[None]]]:
@@ -233,6 +239,7 @@ async def test_runs_group_kill_at_exit_never_reaches_a_stranger(
     is freed and a stranger leading a group of that number takes it.
     """
     context, freed_by = case
+    skip_impossible(watcher, context)
     if freed_by == "sig_ign" and watcher == "sigchld":
         pytest.skip(
             "SIG_IGN set while the sigchld watcher's handler waits replaces that handler "
