@@ -357,3 +357,29 @@ class Fifos:
     def close(self) -> None:
         os.close(self._ready)
         os.close(self._go)
+
+
+# -- a child's status taken behind aioproc's back ----------------------------------
+
+
+@contextlib.contextmanager
+def sigchld_ignored(on: bool) -> Iterator[None]:
+    """SIGCHLD set to SIG_IGN inside the block (if *on*): the kernel reaps our children."""
+    if not on:
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def free_the_pid(pid: int, freed_by: str) -> None:
+    """Block until the exited child's pid is free, taken as *freed_by* says."""
+    if freed_by == "waitpid-any":
+        assert os.waitpid(-1, 0)[0] == pid  # the only child that exits meanwhile
+    elif freed_by == "waitpid":
+        assert os.waitpid(pid, 0)[0] == pid
+    else:  # the kernel (SIG_IGN) or the fork server reaps it
+        wait_until_gone(pid)

@@ -13,10 +13,7 @@ once the status may have been taken by someone else.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
-import os
-import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -32,8 +29,9 @@ from .helpers import (
     Fifos,
     Stranger,
     StrangerMaker,
+    free_the_pid,
     handshake,
-    wait_until_gone,
+    sigchld_ignored,
     why_pids_cannot_be_chosen,
 )
 
@@ -78,29 +76,6 @@ def kernel(request: pytest.FixtureRequest, watcher: str, monkeypatch: pytest.Mon
 def skip_impossible(watcher: str, context: str) -> None:
     if watcher == "sigchld" and context == "forkserver":
         pytest.skip("sigchld cannot watch a forkserver child (test_watchers.py checks the error)")
-
-
-@contextlib.contextmanager
-def sigchld_ignored(on: bool) -> Iterator[None]:
-    """SIGCHLD set to SIG_IGN inside the block (if *on*): the kernel reaps our children."""
-    if not on:
-        yield
-        return
-    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGCHLD, previous)
-
-
-def free_the_pid(pid: int, freed_by: str) -> None:
-    """Block until the exited child's pid is free, taken as *freed_by* says."""
-    if freed_by == "waitpid-any":
-        assert os.waitpid(-1, 0)[0] == pid  # the only child that exits meanwhile
-    elif freed_by == "waitpid":
-        assert os.waitpid(pid, 0)[0] == pid
-    else:  # the kernel (SIG_IGN) or the fork server reaps it
-        wait_until_gone(pid)
 
 
 async def settle(p: AsyncProcess, freed_by: str, code: int) -> None:
