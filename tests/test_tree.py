@@ -26,13 +26,15 @@ import aioproc
 from aioproc import AsyncProcess, _process, _tree
 
 from . import targets
-from .conftest import BACKENDS
+from .conftest import BACKENDS, FORK_THREAD_WARNING
 from .helpers import (
+    DEADLINE,
     _set_subreaper,
     children_of_this_process,
     fork_server_and_helpers,
     killed_afterwards,
     reaping_orphans,
+    signals_pending,
     state_of,
 )
 
@@ -408,3 +410,46 @@ def test_a_child_dies_with_the_thread_that_started_it() -> None:
     reader.close()
     assert anyio.run(p.join) == -signal.SIGKILL
     p.close()
+
+
+@LINUX_ONLY
+@FORK_THREAD_WARNING
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_child_started_from_a_thread_that_ends_at_once_dies_with_it(context: str) -> None:
+    """The README's promise, for a thread that does nothing but start the child.
+
+    "The parent is the thread that called start() ... a child started from a
+    short-lived thread is killed when the thread ends."  Here the thread ends
+    as soon as start() returns, typically before the child has set its death
+    signal: the child must still end with it.
+    """
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    p = AsyncProcess(
+        target=targets.ready_then_sleep, args=(writer, 60), context=context, die_with_parent=True
+    )
+    tids: list[int] = []
+
+    def start() -> None:
+        tids.append(threading.get_native_id())
+        p.start()
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    writer.close()
+    # Gone from the kernel's list, the thread has sent its death signals.
+    end = time.monotonic() + DEADLINE
+    while os.path.exists(f"/proc/self/task/{tids[0]}") and time.monotonic() < end:
+        time.sleep(0.001)
+    assert p.pid is not None
+    try:
+        killed = state_of(p.pid) in (None, "Z") or signal.SIGKILL in signals_pending(p.pid)
+    except FileNotFoundError:
+        killed = True  # dead and reaped meanwhile
+    if not killed:
+        p.kill()
+    code = anyio.run(p.join)
+    p.close()
+    reader.close()
+    assert killed, "the child outlived the thread that started it"
+    assert code == -signal.SIGKILL
