@@ -212,9 +212,7 @@ async def test_a_dead_fork_server_never_makes_up_an_exit_code() -> None:
     try:
         with reaping_orphans():  # the child outlives its fork server: adopt and reap it
             ours, theirs = multiprocessing.Pipe()
-            p = AsyncProcess(
-                target=targets.ready_then_exit, args=(theirs, 0), context="forkserver"
-            )
+            p = AsyncProcess(target=targets.ready_then_exit, args=(theirs, 0), context="forkserver")
             p.start()
             theirs.close()
             assert await handshake(ours) == "ready"
