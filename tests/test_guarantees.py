@@ -136,8 +136,10 @@ async def sleeping_siblings() -> AsyncIterator[list[AsyncProcess]]:
     try:
         for p in siblings:
             p.start()
-        with anyio.move_on_after(0.01):  # the thread watcher opens its pipe on a join
-            await siblings[0].join()
+        async with anyio.create_task_group() as tg:  # the thread watcher opens its pipe on a join
+            tg.start_soon(siblings[0].join)
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
         yield siblings
     finally:
         for p in siblings:

@@ -193,7 +193,7 @@ async def test_cancelled_joins_leave_the_child_running(watcher: str) -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(10):
             tg.start_soon(p.join)
-        await anyio.sleep(0.05)
+        await anyio.wait_all_tasks_blocked()  # every join waits
         tg.cancel_scope.cancel()
     assert p.is_alive()
     assert p.exitcode is None
@@ -216,7 +216,7 @@ async def test_cancelled_joins_leave_the_child_running(watcher: str) -> None:
 async def test_asyncio_task_cancel_leaves_the_child_running() -> None:
     p = started(targets.sleep, 30)
     task = asyncio.ensure_future(p.join())
-    await asyncio.sleep(0.05)
+    await anyio.wait_all_tasks_blocked()  # the join waits
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -227,21 +227,25 @@ async def test_asyncio_task_cancel_leaves_the_child_running() -> None:
 
 
 async def test_join_does_not_block_the_loop(watcher: str) -> None:
-    p = started(targets.sleep, 0.3)
+    """Another task ticks 10 times while the join waits; then it lets the child exit."""
+    ours, theirs = multiprocessing.Pipe()
+    p = started(targets.ready_then_exit, theirs, 0)
+    await ready(ours)
     ticks = 0
 
     async def ticker() -> None:
         nonlocal ticks
-        while True:
+        for _ in range(10):
             await anyio.sleep(0.01)
             ticks += 1
+        ours.send("go")
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(DEADLINE):  # a join that blocked the loop: the ticker never ends
             assert await p.join() == 0
-        tg.cancel_scope.cancel()
-    assert ticks >= 10  # about 30 if the loop ran freely
+    assert ticks == 10
+    ours.close()
 
 
 async def test_joined_as_soon_as_child_exits_despite_grandchild(watcher: str) -> None:
@@ -262,7 +266,7 @@ async def test_joined_as_soon_as_child_exits_despite_grandchild(watcher: str) ->
                 result.append(await p.join(timeout=2 if watcher == "sentinel" else 10))
 
             tg.start_soon(join)
-            await anyio.sleep(0.05)  # the join is waiting on the watcher now
+            await anyio.wait_all_tasks_blocked()  # the join is waiting on the watcher now
             ours.send("exit")
         assert pid_exists(grandchild)
         if watcher == "sentinel":
@@ -448,7 +452,7 @@ async def test_close_while_another_task_joins(watcher: str) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(joiner)
-        await anyio.sleep(0.05)
+        await anyio.wait_all_tasks_blocked()
         p.kill()
         while p.exitcode is None:  # collected here, not by the joiner
             await anyio.sleep(0.001)

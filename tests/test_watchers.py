@@ -20,6 +20,7 @@ from aioproc._watchers import pidfd, sigchld
 
 from . import targets
 from .conftest import FORK_THREAD_WARNING
+from .helpers import handshake
 
 pytestmark = pytest.mark.anyio
 DEADLINE = 20
@@ -251,13 +252,19 @@ async def test_sigchld_handler_installed_only_while_watching() -> None:
 
     previous = signal.signal(signal.SIGCHLD, user_handler)
     try:
-        p = AsyncProcess(target=targets.sleep, args=(0.2,))
+        ours, theirs = multiprocessing.Pipe()
+        p = AsyncProcess(target=targets.ready_then_exit, args=(theirs, 0))
         p.start()
+        theirs.close()
+        assert await handshake(ours) == "ready"
         assert signal.getsignal(signal.SIGCHLD) is user_handler  # not before a join
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(p.join)
-            await anyio.sleep(0.05)
-            assert signal.getsignal(signal.SIGCHLD) is sigchld._on_sigchld
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(p.join)
+                await anyio.wait_all_tasks_blocked()
+                assert signal.getsignal(signal.SIGCHLD) is sigchld._on_sigchld
+                ours.send("go")
+        ours.close()
         assert p.exitcode == 0
         assert signal.getsignal(signal.SIGCHLD) is user_handler  # put back
         assert calls  # and the user's handler saw the SIGCHLD too
@@ -280,17 +287,13 @@ async def test_sigchld_many_children_few_signals() -> None:
         os.close(r)
     signals_seen: list[int] = []
 
-    async def release() -> None:
-        await anyio.sleep(0.2)  # every joiner is waiting by now
-        os.close(w)
-
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             for p in procs:
                 tg.start_soon(p.join)
-            tg.start_soon(release)
-            await anyio.sleep(0.1)
+            await anyio.wait_all_tasks_blocked()  # every joiner is waiting
             signals_seen.append(sigchld.watched_signal_count())
+            os.close(w)
             while any(p.exitcode is None for p in procs):
                 signals_seen.append(sigchld.watched_signal_count())
                 await anyio.sleep(0.01)
@@ -311,7 +314,7 @@ async def test_thread_watcher_uses_one_thread_per_child_however_often_cancelled(
         async with anyio.create_task_group() as tg:
             for _ in range(20):
                 tg.start_soon(p.join)
-            await anyio.sleep(0.02)
+            await anyio.wait_all_tasks_blocked()  # every join waits
             tg.cancel_scope.cancel()
     waiting = [t for t in threading.enumerate() if t.name == f"aioproc-wait-{p.pid}"]
     assert len(waiting) == 1
