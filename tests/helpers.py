@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from multiprocessing import forkserver, resource_tracker
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 #: Seconds after which a wait that should end promptly is a hang (a guard, not a timing).
 DEADLINE = 30
@@ -308,8 +309,8 @@ def wait_until_gone(pid: int, deadline: float = DEADLINE) -> None:
 # -- handshakes --------------------------------------------------------------------
 
 
-async def handshake(conn: Connection, deadline: float = DEADLINE) -> object:
-    """The next message from a child (its "ready"), awaited without blocking the loop."""
+async def handshake(conn: Connection, deadline: float = DEADLINE) -> Any:
+    """The next message from a child (its "ready", its pid), awaited without blocking the loop."""
     import anyio
 
     with anyio.fail_after(deadline):

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -28,17 +27,12 @@ from aioproc import AsyncProcess
 
 from . import targets
 from .helpers import (
+    DEADLINE,
     children_of_this_process,
+    handshake,
 )
 
-DEADLINE = 30
 REPO = Path(__file__).resolve().parent.parent
-
-
-async def _ready(conn: Any) -> object:
-    with anyio.fail_after(DEADLINE):
-        await anyio.wait_readable(conn.fileno())
-    return conn.recv()
 
 
 # -- children that die badly while joined -------------------------------------
@@ -51,7 +45,7 @@ async def test_child_dies_while_joined(watcher: str, how: str) -> None:
     p = AsyncProcess(target=targets.ready_then_crash, args=(theirs, how))
     p.start()
     theirs.close()
-    assert await _ready(ours) == "ready"
+    assert await handshake(ours) == "ready"
     results: list[int | None] = []
 
     async def join() -> None:
@@ -84,7 +78,7 @@ async def test_sigterm_ignored_then_escalated_to_sigkill(watcher: str) -> None:
     ours, theirs = multiprocessing.Pipe()
     p = AsyncProcess(target=targets.ignore_sigterm_then_sleep, args=(theirs, 60))
     p.start()
-    assert await _ready(ours) == "ready"
+    assert await handshake(ours) == "ready"
     p.terminate()
     assert await p.join(timeout=0.3) is None  # the grace period passes
     assert p.is_alive()

@@ -25,13 +25,12 @@ from aioproc import AsyncProcess
 from aioproc._watchers import pidfd
 
 from . import targets
-from .helpers import open_fds
+from .helpers import DEADLINE, open_fds
 
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.skipif(not pidfd.is_supported(), reason="needs pidfd_open (Linux >= 5.3)"),
 ]
-DEADLINE = 20
 
 
 STRANGER = """

@@ -22,9 +22,9 @@ import pytest
 from aioproc import AsyncProcess
 
 from . import targets
-from .helpers import children_of_this_process, open_fds
+from .helpers import DEADLINE, children_of_this_process, open_fds
 
-DEADLINE = 60
+SLOW_DEADLINE = 2 * DEADLINE  # many children at once; longer is a hang
 
 
 NO_THREAD_SCRIPT = """
@@ -114,7 +114,7 @@ async def test_no_fd_leaked_across_200_processes(watcher: str) -> None:
         batch = [AsyncProcess(target=targets.noop) for _ in range(50)]
         for p in batch:
             p.start()
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             for p in batch[::2]:
                 assert await p.join() == 0
                 p.close()  # explicitly released
@@ -145,7 +145,7 @@ async def sleeping_siblings() -> AsyncIterator[list[AsyncProcess]]:
         for p in siblings:
             if p.pid is not None:
                 p.kill()
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             for p in siblings:
                 if p.pid is not None:
                     await p.join()
@@ -158,7 +158,7 @@ async def run_fork_child(target: Callable[..., None], *args: object) -> object:
         child = AsyncProcess(target=target, args=(child_end, *args), context="fork")
         child.start()
         child_end.close()
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             await anyio.wait_readable(parent_end.fileno())
             sent: object = parent_end.recv()
             assert await child.join() == 0
@@ -184,7 +184,7 @@ async def test_a_forked_child_does_not_use_its_siblings_closed_descriptors(watch
     own (the numbers were closed and may be reused), and signalling it goes by pid."""
     async with sleeping_siblings() as siblings:
         assert await run_fork_child(targets.reuse_and_drop_siblings, siblings) is True
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             assert await siblings[0].join() == -signal.SIGTERM
 
 
@@ -233,18 +233,18 @@ async def test_foreign_children_keep_their_exit_status(watcher: str) -> None:
         os._exit(5)
     plain = multiprocessing.Process(target=targets.exit_with, args=(6,))
     plain.start()
-    with anyio.fail_after(DEADLINE):
+    with anyio.fail_after(SLOW_DEADLINE):
         sub = await anyio.open_process([sys.executable, "-c", "raise SystemExit(4)"])
     try:
         ours = [AsyncProcess(target=targets.sleep, args=(0.05 * i,)) for i in range(10)]
         for p in ours:
             p.start()
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             assert [await p.join() for p in ours] == [0] * 10
             assert await sub.wait() == 4
     finally:
         await sub.aclose()
-    plain.join(DEADLINE)
+    plain.join(SLOW_DEADLINE)
     assert plain.exitcode == 6
     pid, status = os.waitpid(forked, 0)
     assert pid == forked

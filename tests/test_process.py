@@ -17,26 +17,18 @@ import uvloop
 from aioproc import AsyncProcess
 
 from . import targets
-from .helpers import killed_afterwards, pid_exists, state_of
+from .helpers import DEADLINE, handshake, killed_afterwards, pid_exists, state_of
 
 pytestmark = pytest.mark.anyio
 
 CONTEXTS = ["fork", "forkserver", "spawn"]
 ASYNCIO_UVLOOP = ("asyncio", {"loop_factory": uvloop.new_event_loop})
-DEADLINE = 20  # seconds; a join that takes longer is a deadlock
 
 
 def started(target: Any, *args: Any, **kwargs: Any) -> AsyncProcess:
     p = AsyncProcess(target=target, args=args, **kwargs)
     p.start()
     return p
-
-
-async def ready(conn: multiprocessing.connection.Connection) -> object:
-    """Wait (without blocking the loop) for the child's handshake."""
-    with anyio.fail_after(DEADLINE):
-        await anyio.wait_readable(conn.fileno())
-    return conn.recv()
 
 
 # -- basic lifecycle, on every backend x watcher x start method -----------------
@@ -81,7 +73,7 @@ async def test_terminate_kill_and_interrupt(watcher: str) -> None:
     for method, expected in (("terminate", -signal.SIGTERM), ("kill", -signal.SIGKILL)):
         recv, send = multiprocessing.Pipe(duplex=False)
         p = started(targets.ready_then_sleep, send, 30)
-        await ready(recv)
+        await handshake(recv)
         assert p.is_alive()
         getattr(p, method)()
         with anyio.fail_after(DEADLINE):
@@ -90,7 +82,7 @@ async def test_terminate_kill_and_interrupt(watcher: str) -> None:
         getattr(p, method)()  # after exit: nothing happens
     recv, send = multiprocessing.Pipe(duplex=False)
     p = started(targets.ready_then_wait_for_sigint, send)
-    await ready(recv)
+    await handshake(recv)
     p.interrupt()
     with anyio.fail_after(DEADLINE):
         assert await p.join() == 42
@@ -100,7 +92,7 @@ async def test_sigint_raises_keyboard_interrupt_in_forked_child() -> None:
     """The parent loop's SIGINT handler is not inherited, whatever the parent loop."""
     recv, send = multiprocessing.Pipe(duplex=False)
     p = started(targets.ready_then_wait_for_sigint, send, context="fork")
-    await ready(recv)
+    await handshake(recv)
     p.interrupt()
     with anyio.fail_after(DEADLINE):
         assert await p.join() == 42
@@ -123,7 +115,7 @@ async def test_loop_signal_handlers_are_not_inherited(anyio_backend_name: str) -
 async def _terminate_forked_child() -> None:
     recv, send = multiprocessing.Pipe(duplex=False)
     p = started(targets.ready_then_sleep, send, 30, context="fork")
-    await ready(recv)
+    await handshake(recv)
     p.terminate()
     with anyio.fail_after(DEADLINE):
         assert await p.join() == -signal.SIGTERM
@@ -169,7 +161,7 @@ async def test_join_timeout_returns_none_and_child_keeps_running(watcher: str) -
 async def test_many_joiners_all_wake(watcher: str) -> None:
     recv, send = multiprocessing.Pipe(duplex=False)
     p = started(targets.ready_then_sleep, send, 0.3)
-    await ready(recv)
+    await handshake(recv)
     results: list[int | None] = []
 
     async def joiner() -> None:
@@ -230,7 +222,7 @@ async def test_join_does_not_block_the_loop(watcher: str) -> None:
     """Another task ticks 10 times while the join waits; then it lets the child exit."""
     ours, theirs = multiprocessing.Pipe()
     p = started(targets.ready_then_exit, theirs, 0)
-    await ready(ours)
+    await handshake(ours)
     ticks = 0
 
     async def ticker() -> None:
@@ -256,7 +248,7 @@ async def test_joined_as_soon_as_child_exits_despite_grandchild(watcher: str) ->
     """
     ours, theirs = multiprocessing.Pipe()
     p = started(targets.fork_grandchild_then_exit, theirs, 30)
-    grandchild = await ready(ours)
+    grandchild = await handshake(ours)
     assert isinstance(grandchild, int)
     with killed_afterwards(grandchild):
         async with anyio.create_task_group() as tg:
@@ -295,7 +287,7 @@ async def test_names() -> None:
 
     recv, send = multiprocessing.Pipe(duplex=False)
     r = started(targets.start_nested_and_send_names, send)
-    nested = await ready(recv)
+    nested = await handshake(recv)
     assert isinstance(nested, tuple)
     nested_name, nested_code = nested
     with anyio.fail_after(DEADLINE):
@@ -307,7 +299,7 @@ async def test_names() -> None:
     recv, send = multiprocessing.Pipe(duplex=False)
     s = AsyncProcess(target=targets.send_name, args=(send,), name="custom")
     s.start()
-    assert await ready(recv) == "custom"
+    assert await handshake(recv) == "custom"
     await s.join()
 
 
@@ -328,7 +320,7 @@ async def test_run_overridden_in_subclass(context: str) -> None:
     recv, send = multiprocessing.Pipe(duplex=False)
     p = Doubler(send, 21, context)
     p.start()
-    assert await ready(recv) == 42
+    assert await handshake(recv) == 42
     assert p.name.startswith("Doubler-")
     with anyio.fail_after(DEADLINE):
         assert await p.join() == 0
@@ -341,7 +333,7 @@ async def test_run_assigned_on_instance(context: str) -> None:
     p.run = lambda: None  # type: ignore[method-assign]
     p.run = _SendFortyTwo(send)  # type: ignore[method-assign]
     p.start()
-    assert await ready(recv) == 42
+    assert await handshake(recv) == 42
     with anyio.fail_after(DEADLINE):
         assert await p.join() == 0
 
@@ -358,7 +350,7 @@ async def test_kwargs_and_args() -> None:
     recv, send = multiprocessing.Pipe(duplex=False)
     p = AsyncProcess(target=targets.send_value, args=[send], kwargs={"value": "kw"})
     p.start()
-    assert await ready(recv) == "kw"
+    assert await handshake(recv) == "kw"
     await p.join()
 
 
@@ -379,7 +371,7 @@ async def test_daemon_flag() -> None:
 async def test_active_children_and_connection_wait() -> None:
     recv, send = multiprocessing.Pipe(duplex=False)
     p = started(targets.ready_then_sleep, send, 30)
-    await ready(recv)
+    await handshake(recv)
     assert p in multiprocessing.active_children()
     assert multiprocessing.connection.wait([p.sentinel], timeout=0) == []
     p.terminate()
@@ -444,7 +436,7 @@ async def test_close_while_another_task_joins(watcher: str) -> None:
     """close() right after the exit, before the joining task has run, wakes it."""
     recv, send = multiprocessing.Pipe(duplex=False)
     p = started(targets.ready_then_sleep, send, 30)
-    await ready(recv)
+    await handshake(recv)
     result: list[int | None] = []
 
     async def joiner() -> None:

@@ -34,6 +34,7 @@ from aioproc._watchers import sigchld
 
 from . import targets
 from .helpers import (
+    DEADLINE,
     children_of_this_process,
     fork_server_and_helpers,
     has_zombie_child,
@@ -43,11 +44,12 @@ from .helpers import (
     state_of,
 )
 
+SLOW_DEADLINE = 4 * DEADLINE  # one wave or one storm; longer is a hang
+
 SCALE = float(os.environ.get("AIOPROC_STRESS_SCALE", "1"))
 CHURN = max(1, round(1000 * SCALE))
 WAVE = max(1, min(250, CHURN // 4))  # at least four waves: one warms up, three are measured
 STORM = max(50, round(1000 * min(SCALE, 1)))
-DEADLINE = 120  # seconds for one wave or one storm; longer is a hang
 
 #: Parent memory a churn may add once warmed up, whatever its size.  A leak of
 #: one small object per child (about 1 KiB) shows at the CI size through the
@@ -70,7 +72,7 @@ async def _churn_wave(first: int, count: int) -> None:
         async def join(i: int, p: AsyncProcess) -> None:
             codes[i] = await p.join()
 
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             async with anyio.create_task_group() as tg:
                 for i, p in enumerate(procs, first):
                     if p.pid is not None:
@@ -140,7 +142,7 @@ async def test_exit_storm(watcher: str, record_property: Any) -> None:
         async def join(i: int) -> None:
             codes[i] = await procs[i].join()
 
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             async with anyio.create_task_group() as tg:
                 for i in range(STORM):
                     tg.start_soon(join, i)
@@ -161,7 +163,7 @@ async def test_exit_storm(watcher: str, record_property: Any) -> None:
         for p in procs:  # only after a failure: make sure nothing is left
             if p.pid is not None and p.exitcode is None:
                 p.kill()
-                with anyio.fail_after(DEADLINE):
+                with anyio.fail_after(SLOW_DEADLINE):
                     await p.join()
 
     assert codes == [i % 256 for i in range(STORM)]
@@ -568,14 +570,14 @@ async def test_absurd_timeouts(timeout: Any, running: str | None, exited: int) -
     ours, theirs = multiprocessing.Pipe()
     p = AsyncProcess(target=targets.ready_then_crash, args=(theirs, "exit"))
     p.start()
-    with anyio.fail_after(DEADLINE):
+    with anyio.fail_after(SLOW_DEADLINE):
         await anyio.wait_readable(ours.fileno())
     assert ours.recv() == "ready"
     if running is None:
         assert await p.join(timeout) is None
         assert p.is_alive()
         ours.send("go")
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             assert await p.join() == 99
         assert await p.join(timeout) == 99
     else:
@@ -617,7 +619,7 @@ def test_join_in_a_thread_of_its_own(name: str) -> None:
 
         thread = threading.Thread(target=run)
         thread.start()
-        thread.join(DEADLINE)
+        thread.join(SLOW_DEADLINE)
         [result] = outcome
         return result
 
@@ -629,9 +631,9 @@ def test_join_in_a_thread_of_its_own(name: str) -> None:
         assert waited is None
     ours.send("go")
     if name == "sigchld":
-        assert asyncio.run(p.join(DEADLINE)) == 99  # in the main thread it can
+        assert asyncio.run(p.join(SLOW_DEADLINE)) == 99  # in the main thread it can
     else:
-        assert in_a_thread(DEADLINE) == 99
+        assert in_a_thread(SLOW_DEADLINE) == 99
     p.close()
     ours.close()
 
@@ -644,7 +646,7 @@ async def test_join_called_without_await_does_nothing_but_warn() -> None:
         p.join()  # type: ignore[unused-coroutine]  # dropped at once: CPython warns here
     assert p.is_alive()  # nothing waited, nothing changed
     p.kill()
-    with anyio.fail_after(DEADLINE):
+    with anyio.fail_after(SLOW_DEADLINE):
         assert await p.join() == -signal.SIGKILL
     p.close()
 
@@ -654,11 +656,11 @@ async def test_one_process_joined_from_two_event_loops(watcher: str) -> None:
     ours, theirs = multiprocessing.Pipe()
     p = AsyncProcess(target=targets.ready_then_crash, args=(theirs, "exit"))
     p.start()
-    with anyio.fail_after(DEADLINE):
+    with anyio.fail_after(SLOW_DEADLINE):
         await anyio.wait_readable(ours.fileno())
     assert ours.recv() == "ready"
 
-    def join_in_another_loop(timeout: float = DEADLINE) -> object:
+    def join_in_another_loop(timeout: float = SLOW_DEADLINE) -> object:
         try:
             return asyncio.run(p.join(timeout))
         except Exception as exc:
@@ -679,7 +681,7 @@ async def test_one_process_joined_from_two_event_loops(watcher: str) -> None:
     else:
         assert accepted is None  # it waited, and timed out: the child still runs
     ours.send("go")
-    with anyio.fail_after(DEADLINE):
+    with anyio.fail_after(SLOW_DEADLINE):
         assert await p.join() == 99
     p.close()
     ours.close()

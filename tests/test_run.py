@@ -38,9 +38,11 @@ from aioproc import (
 
 from . import targets
 from .helpers import (
+    DEADLINE,
     TRACER,
     children_of_this_process,
     fork_server_and_helpers,
+    handshake,
     open_fds,
     pid_exists,
     reaping_orphans,
@@ -56,17 +58,8 @@ pytestmark = pytest.mark.anyio
 
 CONTEXTS = ["fork", "forkserver", "spawn"]
 ASYNCIO_UVLOOP = ("asyncio", {"loop_factory": uvloop.new_event_loop})
-DEADLINE = 30  # seconds; anything slower is a hang
 REPO = Path(__file__).resolve().parent.parent
 RT_SIGNAL = int(signal.SIGRTMIN) + 1  # a signal without a name of its own
-
-
-async def receive(conn: multiprocessing.connection.Connection) -> Any:
-    """The next message from a child, without blocking the loop."""
-    with anyio.fail_after(DEADLINE):
-        while not conn.poll():
-            await anyio.wait_readable(conn.fileno())
-    return conn.recv()
 
 
 def assert_gone(pids: list[int]) -> None:
@@ -253,7 +246,7 @@ async def test_killed_while_out_of_memory_is_process_died() -> None:
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_it)
-            pid, hoarded = await receive(recv)
+            pid, hoarded = await handshake(recv)
             assert hoarded > 0
             os.kill(pid, signal.SIGKILL)
     (err,) = outcome
@@ -278,7 +271,7 @@ async def test_exit_status_taken_by_someone_else() -> None:
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_it)
-            pid = await receive(recv)
+            pid = await handshake(recv)
             assert os.waitpid(pid, 0)[0] == pid  # blocks the loop for 0.2 s at most
     (err,) = outcome
     assert f"child pid {pid} was consumed by someone else" in str(err)
@@ -354,7 +347,7 @@ async def test_cancel_scope_stops_the_child_then_propagates(watcher: str) -> Non
                         grace=0.1,
                     )
                 )
-                pid = await receive(recv)
+                pid = await handshake(recv)
                 scope.cancel()
                 await anyio.sleep(DEADLINE)
             reached_the_end = True
@@ -378,7 +371,7 @@ async def test_already_cancelled_starts_nothing(monkeypatch: pytest.MonkeyPatch)
 async def test_asyncio_task_cancel_stops_the_child() -> None:
     recv, send = multiprocessing.Pipe(duplex=False)
     task = asyncio.ensure_future(aioproc.run(targets.send_pid_then_sleep, send, 60))
-    pid = await receive(recv)
+    pid = await handshake(recv)
     task.cancel()
     with anyio.fail_after(DEADLINE), pytest.raises(asyncio.CancelledError):
         await task
@@ -391,7 +384,7 @@ async def test_failing_sibling_stops_the_other_children(watcher: str) -> None:
 
     async def fail_once_the_others_run() -> None:
         while len(pids) < 3:
-            pids.append(await receive(recv))
+            pids.append(await handshake(recv))
         await aioproc.run(targets.raise_value_error, "sibling failed")
 
     async def group() -> None:
@@ -435,7 +428,7 @@ async def test_cancelled_task_group_of_50_leaves_no_child(
                 else:
                     tg.start_soon(quick)
             while len(running) < n // 2:
-                running.append(await receive(recv))
+                running.append(await handshake(recv))
             await half_finished.wait()
             tg.cancel_scope.cancel()
     started = finished + running
@@ -461,7 +454,7 @@ async def test_cancelled_task_group_other_start_methods(context: str) -> None:
                     )
                 )
             while len(pids) < 6:
-                pids.append(await receive(recv))
+                pids.append(await handshake(recv))
             tg.cancel_scope.cancel()
     assert_gone(pids)
 
@@ -521,7 +514,7 @@ async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
                         grace=0.1,
                     )
                 )
-                pid: int = await receive(recv)
+                pid: int = await handshake(recv)
                 tracers.append(Tracer(pid))
                 scope.cancel()
                 await anyio.sleep(DEADLINE)

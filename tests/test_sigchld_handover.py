@@ -22,9 +22,9 @@ from aioproc._watchers import sigchld
 from aioproc._watchers._base import running_under_uvloop
 
 from . import targets
+from .helpers import DEADLINE
 
 pytestmark = pytest.mark.anyio
-DEADLINE = 10
 
 
 async def test_task_handed_the_lead_whose_child_exits_passes_it_on(

@@ -106,7 +106,7 @@ async def start_tree(
     else:
         p.start()
     writer.close()
-    with anyio.fail_after(10):
+    with anyio.fail_after(DEADLINE):
         await anyio.wait_readable(reader.fileno())
     grandchild: int = reader.recv()
     reader.close()
@@ -157,7 +157,7 @@ async def test_terminate_reaches_the_grandchildren(method: str, start: str) -> N
             assert os.getpgid(p.pid or 0) == p.pid
             assert os.getpgid(grandchild) == p.pid
             p.terminate()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 assert await p.join() == -signal.SIGTERM
             assert exited_within(grandchild)
         p.close()
@@ -169,7 +169,7 @@ async def test_kill_and_interrupt_reach_the_grandchildren(action: str) -> None:
         p, grandchild = await start_tree("fork")
         with killed_afterwards(grandchild):
             getattr(p, action)()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 code = await p.join()
             assert code == (-signal.SIGKILL if action == "kill" else 3)
             assert exited_within(grandchild)
@@ -183,7 +183,7 @@ async def test_killpg_path_reaches_the_grandchildren(method: str) -> None:
         p, grandchild = await start_tree(method)
         with killed_afterwards(grandchild):
             p.kill()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 assert await p.join() == -signal.SIGKILL
             assert exited_within(grandchild)
         p.close()
@@ -194,7 +194,7 @@ async def test_every_watcher_signals_the_group(watcher: str) -> None:
         p, grandchild = await start_tree("forkserver" if watcher == "sentinel" else "fork")
         with killed_afterwards(grandchild):
             p.terminate()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 assert await p.join() == -signal.SIGTERM
             if watcher == "sentinel":
                 # A forkserver child without a pidfd: the fork server reaps it, so
@@ -212,7 +212,7 @@ async def test_a_signal_before_the_group_exists_reaches_the_child(method: str) -
     p = AsyncProcess(target=targets.sleep, args=(30,), context=method, new_process_group=True)
     p.start()
     p.terminate()
-    with anyio.fail_after(10):
+    with anyio.fail_after(DEADLINE):
         assert await p.join() == -signal.SIGTERM
     p.close()
 
@@ -223,14 +223,14 @@ async def test_without_a_group_of_its_own_the_grandchild_lives_on() -> None:
         p = AsyncProcess(target=targets.grandchild_then_sleep, args=(writer, False))
         p.start()
         writer.close()
-        with anyio.fail_after(10):
+        with anyio.fail_after(DEADLINE):
             await anyio.wait_readable(reader.fileno())
         grandchild = reader.recv()
         reader.close()
         with killed_afterwards(grandchild):
             assert os.getpgid(grandchild) == os.getpgid(0)
             p.terminate()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 assert await p.join() == -signal.SIGTERM
             assert running(grandchild)
         p.close()
@@ -273,7 +273,7 @@ async def test_run_cancelled_kills_the_grandchildren(tmp_path: Path) -> None:
             tg.start_soon(
                 lambda: aioproc.run(targets.grandchild_to_file, str(path), True, 60, grace=0.1)
             )
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 while not (path.exists() and path.read_text()):
                     await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
@@ -371,7 +371,7 @@ async def test_the_parent_check_kills_a_child_whose_parent_is_not_the_expected_o
         await p.start_async()
     else:
         p.start()
-    with anyio.fail_after(10):
+    with anyio.fail_after(DEADLINE):
         assert await p.join() == -signal.SIGKILL
     p.close()
 

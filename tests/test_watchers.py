@@ -20,10 +20,9 @@ from aioproc._watchers import pidfd, sigchld
 
 from . import targets
 from .conftest import FORK_THREAD_WARNING
-from .helpers import handshake
+from .helpers import DEADLINE, handshake
 
 pytestmark = pytest.mark.anyio
-DEADLINE = 20
 UVLOOP = ("asyncio", {"loop_factory": uvloop.new_event_loop})
 
 
