@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from multiprocessing import forkserver, resource_tracker
 from multiprocessing.connection import Connection
@@ -99,29 +101,6 @@ def killed_afterwards(pid: int) -> Iterator[None]:
 # for as long as the tracer wants, which is what a process stuck in the kernel
 # looks like to its parent.  Stops before that (SIGTERM) are passed on.  It
 # lets go when its stdin closes.
-TRACER = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-PTRACE_CONT, PTRACE_DETACH, PTRACE_SEIZE = 7, 17, 0x4206
-PTRACE_O_TRACEEXIT, PTRACE_EVENT_EXIT, WALL = 0x40, 6, 0x40000000
-pid = int(sys.argv[1])
-if libc.ptrace(PTRACE_SEIZE, pid, None, ctypes.c_void_p(PTRACE_O_TRACEEXIT)) != 0:
-    print("error", os.strerror(ctypes.get_errno()), flush=True)
-    sys.exit(1)
-print("seized", flush=True)
-while True:
-    _, status = os.waitpid(pid, WALL)
-    if not os.WIFSTOPPED(status):
-        print("gone", flush=True)
-        break
-    if status >> 16 == PTRACE_EVENT_EXIT:
-        print("holding", flush=True)
-        sys.stdin.read()
-        libc.ptrace(PTRACE_DETACH, pid, None, None)
-        break
-    libc.ptrace(PTRACE_CONT, pid, None, ctypes.c_void_p(os.WSTOPSIG(status)))
-"""
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -384,3 +363,37 @@ def free_the_pid(pid: int, freed_by: str) -> None:
         assert os.waitpid(pid, 0)[0] == pid
     else:  # the kernel (SIG_IGN) or the fork server reaps it
         wait_until_gone(pid)
+
+
+# -- a child that survives SIGKILL ------------------------------------------------
+
+
+class Tracer:
+    """Holds a process in its exit stop: SIGKILL cannot finish it until released."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "tracer.py"), str(pid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        first = self.readline()
+        if first.startswith("error"):
+            self.proc.wait()
+            import pytest
+
+            pytest.skip(f"ptrace is not permitted here ({first.strip()})")
+        assert first == "seized\n"
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], DEADLINE)
+        assert ready, "the tracer did not answer"
+        return self.proc.stdout.readline()
+
+    def release(self) -> None:
+        self.proc.communicate(timeout=DEADLINE)  # closes its stdin: it lets go and exits

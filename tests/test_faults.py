@@ -100,13 +100,21 @@ async def test_sigterm_ignored_then_escalated_to_sigkill(watcher: str) -> None:
 def test_fork_failure(scenario: str, tmp_path: Path) -> None:
     """fork() fails with EAGAIN: a clear error, nothing leaked, startable again.
 
-    A helper process does it (see tests/fork_failure.py for how fork is made to
+    A helper process does it (see tests/scripts/fork_failure.py for how fork is made to
     fail as root); stdlib's own fork start leaks four descriptors here.
     """
     if os.geteuid() != 0:
         pytest.skip("the helper needs root to switch to nobody and back")
     out = subprocess.run(
-        [sys.executable, "-W", "error", "-m", "tests.fork_failure", scenario, str(tmp_path)],
+        [
+            sys.executable,
+            "-W",
+            "error",
+            "-m",
+            "tests.scripts.fork_failure",
+            scenario,
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -25,7 +25,7 @@ from aioproc import AsyncProcess
 from aioproc._watchers import pidfd
 
 from . import targets
-from .helpers import DEADLINE, open_fds
+from .helpers import DEADLINE, SCRIPTS, open_fds
 
 pytestmark = [
     pytest.mark.anyio,
@@ -33,18 +33,12 @@ pytestmark = [
 ]
 
 
-STRANGER = """
-import signal, sys, time
-signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # a SIGTERM stays pending
-print("ready", flush=True)
-time.sleep(60)
-"""
-
-
 @pytest.fixture
 def stranger() -> Iterator[subprocess.Popen[bytes]]:
     """A process that is none of aioproc's business; it keeps any SIGTERM pending."""
-    proc = subprocess.Popen([sys.executable, "-c", STRANGER], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "blocked_sigterm.py")], stdout=subprocess.PIPE
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
     yield proc

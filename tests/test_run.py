@@ -39,7 +39,8 @@ from aioproc import (
 from . import targets
 from .helpers import (
     DEADLINE,
-    TRACER,
+    SCRIPTS,
+    Tracer,
     children_of_this_process,
     fork_server_and_helpers,
     handshake,
@@ -462,33 +463,6 @@ async def test_cancelled_task_group_other_start_methods(context: str) -> None:
 # -- a child that survives SIGKILL --------------------------------------------------------
 
 
-class Tracer:
-    """Holds a process in its exit stop: SIGKILL cannot finish it until released."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", TRACER, str(pid)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        first = self.readline()
-        if first.startswith("error"):
-            self.proc.wait()
-            pytest.skip(f"ptrace is not permitted here ({first.strip()})")
-        assert first == "seized\n"
-
-    def readline(self) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], DEADLINE)
-        assert ready, "the tracer did not answer"
-        return self.proc.stdout.readline()
-
-    def release(self) -> None:
-        self.proc.communicate(timeout=DEADLINE)  # closes its stdin: it lets go and exits
-
-
 async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -552,73 +526,6 @@ async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
         for tracer in tracers:
             if tracer.proc.returncode is None:
                 tracer.release()
-
-
-EXIT_SCRIPT = """
-import functools, multiprocessing, sys
-import anyio
-import aioproc, aioproc._run
-from tests import targets
-
-aioproc._run._KILL_WAIT = 0.3
-
-async def main():
-    recv, send = multiprocessing.Pipe(duplex=False)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(functools.partial(
-            aioproc.run, targets.ignore_sigterm_send_pid_then_sleep, send, 60, grace=0.1))
-        await anyio.wait_readable(recv.fileno())
-        print(recv.recv(), flush=True)
-        await anyio.wait_readable(sys.stdin.fileno())  # the tracer holds the child
-        sys.stdin.readline()
-        tg.cancel_scope.cancel()
-    print("cancelled", flush=True)
-
-if __name__ == "__main__":
-    anyio.run(main)
-"""
-
-
-def test_interpreter_exit_does_not_wait_forever_for_an_unkillable_child(tmp_path: Path) -> None:
-    """The script exits though its child is still held; the child is reaped afterwards."""
-    script = tmp_path / "exit_script.py"
-    script.write_text(EXIT_SCRIPT)
-    stderr_path = tmp_path / "stderr.txt"
-    with reaping_orphans(), stderr_path.open("w") as stderr:
-        # The held child inherited stdout and stderr: nobody may wait for their end.
-        proc = subprocess.Popen(
-            [sys.executable, str(script)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=REPO,
-        )
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        tracer: Tracer | None = None
-        try:
-            pid = int(proc.stdout.readline())
-            tracer = Tracer(pid)
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            assert proc.wait(DEADLINE) == 0, stderr_path.read_text()
-            os.set_blocking(proc.stdout.fileno(), False)
-            assert proc.stdout.read() == "cancelled\n"
-            assert state_of(pid) == "t"  # still held: the script did not wait for it
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
-            proc.stdin.close()
-            proc.stdout.close()
-            if tracer is not None:
-                tracer.release()
-    err = stderr_path.read_text()
-    assert f"process {pid} is still alive 0.3 s after SIGKILL" in err
-    assert f"process {pid} is still alive at interpreter exit" in err
-    assert "UnkillableProcessWarning" in err
-    assert "Traceback" not in err
 
 
 # -- pickling ------------------------------------------------------------------------------
@@ -685,63 +592,6 @@ async def test_argument_that_cannot_be_rebuilt_in_the_child(context: str) -> Non
 
 # -- Ctrl-C ------------------------------------------------------------------------------------
 
-CTRL_C_SCRIPT = """
-import functools, multiprocessing, os, sys
-import anyio, uvloop
-import aioproc
-from tests import targets
-
-try:
-    BaseExceptionGroup
-except NameError:  # Python 3.10
-    from exceptiongroup import BaseExceptionGroup
-
-N = 4
-pids = []
-
-
-def ctrl_c(exc):
-    # How anyio.run ends on Ctrl-C: KeyboardInterrupt, bare (asyncio) or in trio's
-    # nursery groups; on Python 3.10 asyncio cannot uncancel the main task and
-    # lets its CancelledError out instead.
-    if isinstance(exc, BaseExceptionGroup):
-        return all(ctrl_c(e) for e in exc.exceptions)
-    if sys.version_info < (3, 11) and type(exc).__name__ == "CancelledError":
-        return True
-    return isinstance(exc, KeyboardInterrupt)
-
-async def main(context):
-    recv, send = multiprocessing.Pipe(duplex=False)
-    async with anyio.create_task_group() as tg:
-        for _ in range(N):
-            tg.start_soon(functools.partial(
-                aioproc.run, targets.send_pid_then_sleep, send, 60, context=context))
-        while len(pids) < N:
-            await anyio.wait_readable(recv.fileno())
-            while recv.poll():
-                pids.append(recv.recv())
-        print(" ".join(map(str, pids)), flush=True)
-        await anyio.sleep(60)
-
-if __name__ == "__main__":
-    backend, context = sys.argv[1:]
-    options = {"loop_factory": uvloop.new_event_loop} if backend == "uvloop" else {}
-    try:
-        anyio.run(main, context, backend="trio" if backend == "trio" else "asyncio",
-                  backend_options=options)
-    except BaseException as exc:
-        if not ctrl_c(exc):
-            raise
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        print("interrupted, alive:", alive, flush=True)
-"""
-
 
 @pytest.mark.parametrize(
     ("backend", "context"),
@@ -758,8 +608,7 @@ def test_ctrl_c_to_the_process_group(backend: str, context: str, tmp_path: Path)
 
     The start method matters for the children, the backend for the parent.
     """
-    script = tmp_path / "ctrl_c.py"
-    script.write_text(CTRL_C_SCRIPT)
+    script = SCRIPTS / "ctrl_c.py"
     with reaping_orphans():
         proc = subprocess.Popen(
             [sys.executable, str(script), backend, context],

@@ -320,7 +320,7 @@ def read_pids(out: subprocess.Popen[str], names: set[str]) -> dict[str, int]:
 def test_children_die_with_a_parent_killed_by_sigkill(method: str) -> None:
     with reaping_orphans():
         parent = subprocess.Popen(
-            [sys.executable, "-m", "tests.orphan_parent", method, "both"],
+            [sys.executable, "-m", "tests.scripts.orphan_parent", method, "both"],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -343,7 +343,7 @@ def test_children_die_with_a_parent_killed_by_sigkill(method: str) -> None:
 def test_a_parent_dead_before_the_death_signal_was_set() -> None:
     with reaping_orphans():
         parent = subprocess.Popen(
-            [sys.executable, "-m", "tests.orphan_parent", "spawn", "at-once"],
+            [sys.executable, "-m", "tests.scripts.orphan_parent", "spawn", "at-once"],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,

@@ -1,6 +1,6 @@
 """Make fork() fail with EAGAIN for real, in a helper process, and report.
 
-Run as ``python -m tests.fork_failure SCENARIO`` by ``test_faults.py``; prints
+Run as ``python -m tests.scripts.fork_failure SCENARIO`` by ``test_faults.py``; prints
 one JSON object.  How fork is made to fail: RLIMIT_NPROC is not enforced for
 root (CAP_SYS_RESOURCE), so the helper (started as root) sets its *real* uid
 to ``nobody`` and lowers the soft RLIMIT_NPROC to 0, which the kernel checks
@@ -37,7 +37,7 @@ import anyio
 import aioproc
 from aioproc import AsyncProcess
 
-from .helpers import children_of_this_process, fork_server_fd, open_fds
+from ..helpers import children_of_this_process, fork_server_fd, open_fds
 
 NOBODY = 65534
 
