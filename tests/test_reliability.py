@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import threading
-from fractions import Fraction
 from typing import Any
 
 import anyio
@@ -34,7 +30,6 @@ from aioproc._watchers import sigchld
 from . import targets
 from .helpers import (
     DEADLINE,
-    SCRIPTS,
     children_of_this_process,
     fork_server_and_helpers,
     has_zombie_child,
@@ -177,130 +172,6 @@ async def test_exit_storm(watcher: str, record_property: Any) -> None:
 
 
 # -- when the parent exits -----------------------------------------------------
-
-
-# -- bad input -------------------------------------------------------------------
-
-
-#: Case -> (exception type, a fragment of its message); None: no error.
-MISUSE: dict[str, Any] = {
-    "join before start": ("RuntimeError", "cannot join a process that has not been started"),
-    "terminate before start": ("RuntimeError", "call start() first"),
-    "kill before start": ("RuntimeError", "call start() first"),
-    "interrupt before start": ("RuntimeError", "call start() first"),
-    "start twice": ("RuntimeError", "cannot start a process twice"),
-    "join timeout -1": ("ValueError", "timeout must be >= 0 (0 polls, None waits forever), got -1"),
-    "join timeout -inf": ("ValueError", "timeout must be >= 0"),
-    "join timeout nan": ("ValueError", "not NaN"),
-    "join timeout '1'": ("TypeError", "timeout must be a real number of seconds"),
-    "join timeout True": ("TypeError", "not bool"),
-    "join timeout 1j": ("TypeError", "not complex"),
-    "daemon after start": ("RuntimeError", "set it before start()"),
-    "start closed": ("ValueError", "process object is closed"),
-    "is_alive closed": ("ValueError", "process object is closed"),
-    "terminate closed": ("ValueError", "process object is closed"),
-    "kill closed": ("ValueError", "process object is closed"),
-    "interrupt closed": ("ValueError", "process object is closed"),
-    "join closed": ("ValueError", "process object is closed"),
-    "exitcode closed": ("ValueError", "process object is closed"),
-    "pid closed": ("ValueError", "process object is closed"),
-    "close running": ("ValueError", "cannot close a process that is still running"),
-    "join-self exit code": 3,
-    "join-sibling exit code": 3,
-    "daemon-child exit code": 3,
-    "join from a second loop": ("RuntimeError", "is already being joined in another event loop"),
-    "group": ("ValueError", "group must be None"),
-    "target not callable": ("TypeError", "target must be a callable or None, not int"),
-    "args not iterable": ("TypeError", "args must be a tuple"),
-    "kwargs not a mapping": ("TypeError", "kwargs must be a dict or None, not list"),
-    "name not a str": ("TypeError", "name must be a str or None, not int"),
-    "unknown context": ("ValueError", "unknown start method 'nope'"),
-    "context of a wrong type": ("TypeError", "context must be a start method name"),
-    "name set to an int": ("TypeError", "name must be a str, not int"),
-    "unknown watcher": ("ValueError", "unknown watcher 'nope'"),
-    "watcher of a wrong type": ("TypeError", "must be a watcher name (str) or None, not int"),
-    "sigchld for a forkserver child": ("WatcherUnavailable", "belongs to the fork server"),
-}
-
-#: What the children report (on stdout) for the misuse they commit.
-CHILD_MISUSE = {
-    "join-self": "a process cannot join itself",
-    "join-sibling": "can only join a child of this process",
-    "daemon-child": "a daemonic process is not allowed to have children",
-}
-
-
-def test_every_misuse_raises_a_clear_error_under_python_O(tmp_path: Any) -> None:
-    """SPEC section 1's misuse list, each with its type and message, asserts stripped."""
-    script = SCRIPTS / "misuse.py"
-    env = dict(os.environ)
-    env.pop("AIOPROC_WATCHER", None)
-    out = subprocess.run(
-        [sys.executable, "-O", "-W", "error", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr
-    *child_lines, last = out.stdout.strip().splitlines()
-    seen = json.loads(last)
-    assert set(seen) == set(MISUSE)
-    for case, expected in MISUSE.items():
-        if isinstance(expected, int):
-            assert seen[case] == expected, case
-            continue
-        kind, fragment = expected
-        assert seen[case] is not None, f"{case}: no error"
-        assert seen[case][0] == kind, f"{case}: {seen[case]}"
-        assert fragment in seen[case][1], f"{case}: {seen[case][1]!r}"
-    children = dict(json.loads(line) for line in child_lines)
-    assert set(children) == set(CHILD_MISUSE)
-    for kind, fragment in CHILD_MISUSE.items():
-        assert fragment in children[kind], children[kind]
-
-
-@pytest.mark.parametrize(
-    ("timeout", "running", "exited"),
-    [
-        (-0.0, None, 0),  # negative zero is zero: a poll
-        (1e-9, None, 0),
-        (Fraction(1, 50), None, 0),
-        (sys.float_info.max, "waits", 0),
-        (10**400, "waits", 0),  # too large for a float: forever
-        (float("inf"), "waits", 0),
-    ],
-    ids=["-0.0", "1e-9", "Fraction", "float-max", "10**400", "inf"],
-)
-async def test_absurd_timeouts(timeout: Any, running: str | None, exited: int) -> None:
-    """Tiny, huge and unusual timeouts mean what they say; none overflows a timer."""
-    ours, theirs = multiprocessing.Pipe()
-    p = AsyncProcess(target=targets.ready_then_crash, args=(theirs, "exit"))
-    p.start()
-    with anyio.fail_after(SLOW_DEADLINE):
-        await anyio.wait_readable(ours.fileno())
-    assert ours.recv() == "ready"
-    if running is None:
-        assert await p.join(timeout) is None
-        assert p.is_alive()
-        ours.send("go")
-        with anyio.fail_after(SLOW_DEADLINE):
-            assert await p.join() == 99
-        assert await p.join(timeout) == 99
-    else:
-        async with anyio.create_task_group() as tg:
-            result: list[int | None] = []
-
-            async def join() -> None:
-                result.append(await p.join(timeout))
-
-            tg.start_soon(join)
-            await anyio.wait_all_tasks_blocked()
-            ours.send("go")
-        assert result == [99]
-    p.close()
-    ours.close()
 
 
 @pytest.mark.parametrize("name", ["pidfd", "sigchld", "sentinel", "thread"])

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Callable
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -279,57 +278,6 @@ async def test_exit_status_taken_by_someone_else() -> None:
 
 
 # -- timeouts and cancellation ---------------------------------------------------------
-
-
-async def timed_out_after_the_start(
-    func: Callable[..., object], timeout: float, **options: Any
-) -> tuple[ProcessTimeout, float, int]:
-    """``run(func, conn, 60)`` until its timeout passes after the child has started.
-
-    On a busy machine the child may not have reached the function when the
-    timeout passes; then the call is made again with twice the timeout.
-    Returns the error, the timeout that worked, and the pid the child sent.
-    """
-    while True:
-        recv, send = multiprocessing.Pipe(duplex=False)
-        with anyio.fail_after(DEADLINE), pytest.raises(ProcessTimeout) as info:
-            await aioproc.run(func, send, 60, timeout=timeout, **options)
-        started = recv.poll()
-        pid = recv.recv() if started else None
-        recv.close()
-        send.close()
-        if pid is not None:
-            return info.value, timeout, pid
-        assert timeout < DEADLINE / 4, f"the child never started within {timeout:g} s"
-        timeout *= 2
-
-
-async def test_timeout_terminates_reaps_and_raises(watcher: str) -> None:
-    err, timeout, pid = await timed_out_after_the_start(targets.send_pid_then_sleep, 0.5)
-    assert isinstance(err, TimeoutError)
-    assert err.pid == pid
-    assert err.exitcode == -signal.SIGTERM
-    assert str(err) == (
-        f"process {err.pid} running send_pid_then_sleep() did not finish within {timeout:g} s; "
-        "it was sent SIGTERM and reaped (exit code -15)"
-    )
-    assert_gone([err.pid])
-
-
-async def test_timeout_escalates_to_sigkill() -> None:
-    """A child that ignores SIGTERM is killed after the grace period."""
-    err, _, pid = await timed_out_after_the_start(
-        targets.ignore_sigterm_send_pid_then_sleep, 1, grace=0.2
-    )
-    assert err.pid == pid
-    assert err.exitcode == -signal.SIGKILL
-    assert "it was sent SIGTERM, then SIGKILL after the 0.2 s grace period, and reaped" in str(err)
-    assert_gone([err.pid])
-
-
-async def test_result_within_timeout_is_returned() -> None:
-    with anyio.fail_after(DEADLINE):
-        assert await aioproc.run(targets.sleep_and_return, 0.01, timeout=DEADLINE) == 0.01
 
 
 async def test_cancel_scope_stops_the_child_then_propagates(watcher: str) -> None:
@@ -678,85 +626,6 @@ async def test_start_waits_in_the_loop_with_sigint_blocked_only_while_creating_t
     assert len(seen) > turns
     assert turns_during_start > 0
     assert not any(seen)
-
-
-# -- misuse -------------------------------------------------------------------------------------
-
-
-async def _coroutine_function() -> None:
-    pass
-
-
-def _not_callable() -> Any:
-    return aioproc.run(42)  # type: ignore[arg-type]
-
-
-def _str_timeout() -> Any:
-    return aioproc.run(targets.noop, timeout="1")  # type: ignore[arg-type]
-
-
-def _none_grace() -> Any:
-    return aioproc.run(targets.noop, grace=None)  # type: ignore[arg-type]
-
-
-def _keyword_argument() -> Any:
-    return aioproc.run(targets.greet, "x", punctuation="!")  # type: ignore[call-arg]
-
-
-@pytest.mark.parametrize(
-    ("call", "error", "match"),
-    [
-        pytest.param(
-            _not_callable,
-            TypeError,
-            "^func must be a callable, not int; call run",
-            id="not-callable",
-        ),
-        pytest.param(
-            lambda: aioproc.run(_coroutine_function),
-            TypeError,
-            r"^_coroutine_function\(\) is an async function; run\(\) calls a plain function",
-            id="async-function",
-        ),
-        pytest.param(
-            lambda: aioproc.run(targets.noop, timeout=-1),
-            ValueError,
-            "timeout must be >= 0",
-            id="negative-timeout",
-        ),
-        pytest.param(_str_timeout, TypeError, "timeout must be a real number", id="str-timeout"),
-        pytest.param(
-            lambda: aioproc.run(targets.noop, grace=-1),
-            ValueError,
-            "^grace must be a finite",
-            id="negative-grace",
-        ),
-        pytest.param(
-            lambda: aioproc.run(targets.noop, grace=float("inf")),
-            ValueError,
-            "grace must be",
-            id="infinite-grace",
-        ),
-        pytest.param(_none_grace, TypeError, "^grace must be a number", id="none-grace"),
-        pytest.param(
-            lambda: aioproc.run(targets.noop, context="nope"),
-            ValueError,
-            "unknown start method",
-            id="unknown-context",
-        ),
-        pytest.param(
-            _keyword_argument,
-            TypeError,
-            "unexpected keyword argument 'punctuation'",
-            id="keyword-argument",
-        ),
-    ],
-)
-async def test_misuse(call: Any, error: type[Exception], match: str) -> None:
-    before = children_of_this_process()
-    with pytest.raises(error, match=match):
-        await call()
-    assert children_of_this_process() == before
 
 
 def test_process_errors_survive_pickling() -> None:
