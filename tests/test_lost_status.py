@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import anyio
@@ -47,6 +48,7 @@ async def test_lost_status_is_said_once_then_the_process_is_consistent(
     watcher: str, case: tuple[str, str], first: str
 ) -> None:
     context, taken_by = case
+    resource_tracker.ensure_running()  # spawn starts it once, and keeps its pipe
     fds = open_fds()
     handler = signal.getsignal(signal.SIGCHLD)
     ours, theirs = multiprocessing.Pipe()
@@ -134,6 +136,7 @@ async def test_start_never_fails_under_sig_ign(watcher: str, context: str, count
     The forced sigchld watcher may refuse (WatcherUnavailable, naming SIG_IGN):
     its handler would take SIG_IGN's meaning away from the program's other children.
     """
+    resource_tracker.ensure_running()  # spawn starts it once, and keeps its pipe
     fds = open_fds()
     started: list[AsyncProcess] = []
     failed: list[str] = []
