@@ -1,75 +1,194 @@
-"""The parent's side of one started child: its Popen, its watch, its joiners.
+"""The parent's handle on one started child: start → watch → reap → result.
 
-Theory of operation.  The exit status is consumed exactly once, through the
-``multiprocessing`` Popen (``poll()``), which is also what ``is_alive()``,
-``exitcode`` and ``multiprocessing.active_children()`` use, so they all agree.
-A watch (see ``_watchers``) only tells us *when* to poll.
+Theory of operation.  A ``Child`` owns everything the parent holds for one
+child process: its Popen (one class per start method, see ``_popen``), its pidfd
+where the kernel has them (opened for every watcher), whether its exit status
+is still ours to collect, its watch, and the tasks joining it.
 
-Many tasks may join one child.  They queue on one lock: the task holding it
-waits on the watch, the others wait for the lock and find the exit code
-already collected when they get it.  Cancelling the holder releases the lock,
-and the next task in the queue takes over the wait, so a cancelled join never
-loses a wake-up and never leaves a thread or a registration behind.  The lock
-belongs to one event loop; a join from another loop is refused while the first
-loop still has joiners, and gets a fresh lock once it has none.
+- **Reaping.**  The status is consumed exactly once, through the Popen
+  (``poll()``, under the Popen's lock), which is also what ``is_alive()``,
+  ``exitcode`` and ``multiprocessing.active_children()`` use, so they all agree.
+  A watch (``_watchers``) only says *when* to poll.  If someone else took the
+  status, the Popen says so (``status_lost``) and the first ``join()`` or
+  ``exitcode`` raises ``ExitStatusLost``; afterwards the child counts as gone
+  with an unknown exit code (None).
 
-A child that leads its own process group (``new_process_group``) gets every
-signal as a group (see ``_tree``).  ``aioproc.run`` also asks for what is left
-of the group to be killed when the child exits (``kill_group_at_exit``): the
-status is then collected only after the watch or the kernel says the child
-has exited, and the group is sent SIGKILL in between, while the unreaped
-child still holds the group's id.
+- **Signals** go through ``send_signal`` and nowhere else, which sends one only
+  while the pid cannot name a stranger: through the pidfd (it names the very
+  process, even after someone else reaped it: then the kernel says ESRCH), or,
+  without one, while the child is known to be unreaped — fork and spawn
+  children: ``waitid(WNOWAIT)`` says it has not been collected, and SIGCHLD is
+  not ignored; forkserver children: the fork server has not reported the exit.
+  Never after ``ExitStatusLost``, never from a process that is not the parent.
+
+- **Joiners.**  Many tasks may join one child.  Those of one event loop queue
+  on one lock: the task holding it waits on the watch, the others find the
+  exit code collected when they get it; cancelling the holder releases the
+  lock and the next task takes over the wait, so a cancelled join never loses
+  a wake-up.  One event loop at a time joins a child: a join from a second loop
+  while the first still has joiners is refused (``RuntimeError``), atomically,
+  unless the first loop has been closed, in which case its abandoned joiners
+  are forgotten and the new loop takes over.
+
+- **Process groups** (``new_process_group``): signals go to the group; ``run``
+  also asks for what is left of the group to be killed when the child exits
+  (``kill_group_at_exit``), between the exit and the collection, while the
+  unreaped child still holds the group's id (or at any time through the pidfd).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import multiprocessing.connection
 import os
 import signal
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 from anyio.lowlevel import EventLoopToken, current_token
 
 from . import _fds
 from ._exceptions import ExitStatusLost
-from ._tree import signal_group
-from ._watchers import Watch, usable_at_join
-from ._watchers.pidfd import _readable_now
+from ._popen import Exit, readable_now
+from ._tree import PIDFD_SIGNAL_PROCESS_GROUP, pidfd_group_signals_work
+from ._watchers import Place, choose, usable_at_join
+from ._watchers import pidfd as pidfd_support
+from ._watchers._base import token_here
+from ._watchers.pidfd import PidfdWatch
+from ._watchers.sigchld import ignored as sigchld_ignored
 
 if TYPE_CHECKING:
-    from multiprocessing.popen_fork import Popen
-
+    from ._popen import AioprocPopen
     from ._usage import ResourceUsage
+    from ._watchers import Watch, WatcherName
 
 
-class ChildState:
+def _loop_finished(token: EventLoopToken) -> bool:
+    """Whether the event loop behind *token* can never run a task again."""
+    native: Any = token.native_token
+    is_closed = getattr(native, "is_closed", None)
+    if is_closed is not None:  # asyncio (and uvloop)
+        return bool(is_closed())
+    try:  # trio: a finished run refuses callbacks
+        native.run_sync_soon(lambda: None)
+    except Exception:
+        return True
+    return False
+
+
+class _Joiners:
+    """The tasks of one event loop joining one child."""
+
+    def __init__(self, token: EventLoopToken) -> None:
+        self.token = token
+        self.thread = threading.get_ident()
+        # No yield when nobody else holds it: the wait itself is the checkpoint.
+        self.lock = anyio.Lock(fast_acquire=True)
+        self.count = 0
+
+
+class Child:
+    """Everything the parent holds for one started child (see the module docstring)."""
+
+    pidfd = -1
     _fds: tuple[int, ...] = ()
 
     def __init__(
-        self, popen: Popen, watch: Watch, *, group: bool = False, kill_group_at_exit: bool = False
+        self,
+        popen: AioprocPopen,
+        watch_cls: type[Watch],
+        *,
+        group: bool = False,
+        kill_group_at_exit: bool = False,
     ) -> None:
         self.popen = popen
+        self.pid: int = popen.pid
         #: The child leads its own process group: signals go to the group.
         self.group = group
         #: SIGKILL what is left of the group once the child has exited (``run``).
         self.kill_group_at_exit = group and kill_group_at_exit
+        self._group_killed = False
         self._parent_pid = os.getpid()
+        self._lock = threading.Lock()
+        self._joiners: _Joiners | None = None
+        self._lost_reported = False
+        self._open_pidfd()
         finalizer = popen.finalizer  # the stdlib's: it closes the pipe ends
         self._fds = (popen.sentinel, *(finalizer._args if finalizer is not None else ()))  # type: ignore[attr-defined]
         _fds.hold(*self._fds)
-        self.watch: Watch | None = watch
-        self.watcher_name = watch.name
-        self._token: EventLoopToken | None = None
-        self._lock: anyio.Lock | None = None
-        self._joiners = 0
-        self._waiting = False
+        if watch_cls is PidfdWatch and not pidfd_support.is_supported():
+            # pidfd_open was refused just now (a sandbox): the next watcher,
+            # or WatcherUnavailable if pidfd was forced.
+            watch_cls = choose(Place.here(type(popen)))
+        self.watch: Watch = watch_cls(popen, self.pidfd)
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
+    def _open_pidfd(self) -> None:
+        """Open the child's pidfd, if the kernel has them and it still names the child.
+
+        Raises ``OSError`` when descriptors ran out (the caller cleans up).
+        """
+        if not pidfd_support.is_supported():
+            return
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return  # already reaped, by someone else or the fork server: nothing to open
+        except OSError as exc:
+            if exc.errno not in pidfd_support.UNSUPPORTED_ERRNOS:
+                raise
+            pidfd_support.supported = False
+            return
+        # The pidfd names whatever has the pid now.  It is our child if the pid
+        # is still held: unreaped (fork, spawn), or not reported exited by the
+        # fork server; otherwise it may be a stranger's, and is not kept.
+        state = self.popen.exit_state()
+        if not (state is Exit.RUNNING or (state is Exit.EXITED and self.popen.reaped_here)):
+            os.close(fd)
+            return
+        self.pidfd = self.popen.pidfd = fd
+        _fds.hold(fd)
+
+    # -- state -------------------------------------------------------------------
+
+    def _done(self) -> bool:
+        return self.popen.returncode is not None or self.popen.status_lost
+
+    def poll(self) -> int | None:
+        """The exit code if the child has exited (collecting it); None otherwise.
+
+        None also once the status was lost (``result()`` reports that).
+        """
+        popen = self.popen
+        if popen.returncode is None and not popen.status_lost:
+            if self.kill_group_at_exit and not self._group_killed:
+                if popen.exit_state() is Exit.RUNNING:
+                    return None
+                self._kill_group_remnants()
+            popen.poll()
+            if self._done():
+                self._release_watch()
+        return popen.returncode
+
+    def _release_watch(self) -> None:
+        """Let the watch go once the status is known and no task waits on it."""
+        with self._lock:
+            if self._joiners is not None and self._joiners.count:
+                return
+        self.watch.close()
+
+    def result(self) -> int | None:
+        """``poll()``, raising ``ExitStatusLost`` the first time the status is found lost."""
+        code = self.poll()
+        if code is None and self.popen.status_lost and not self._lost_reported:
+            self._lost_reported = True
+            raise ExitStatusLost(self.pid, self.popen.lost_reason)
+        return code
+
+    def alive(self) -> bool:
+        """Whether the child is still running (as far as anyone can tell)."""
+        return self.poll() is None and not self.popen.status_lost
 
     @property
     def returncode(self) -> int | None:
@@ -77,63 +196,59 @@ class ChildState:
 
     @property
     def resource_usage(self) -> ResourceUsage | None:
-        """What the kernel accounted to the child, once reaped; None where unknown.
+        return self.popen.resource_usage
 
-        Only our own Popen classes read it (fork and spawn); a forkserver child
-        is reaped by the fork server, a foreign start method's Popen by itself.
-        """
-        usage: ResourceUsage | None = getattr(self.popen, "resource_usage", None)
-        return usage
+    @property
+    def watcher_name(self) -> WatcherName:
+        return self.watch.name
 
-    def poll(self) -> int | None:
-        """The exit code if the child has exited (collecting it), else None."""
-        code = self._poll()
-        if code is not None and not self._waiting:
-            self._release_watch()
-        return code
+    # -- joining -----------------------------------------------------------------
 
-    async def wait(self) -> int:
-        """Wait for the child to exit and return its exit code."""
-        code = self.poll()
-        if code is not None:
+    async def wait(self) -> int | None:
+        """Wait for the child to exit; its exit code (``result()``)."""
+        if self._done() or self.poll() is not None:
             await anyio.lowlevel.checkpoint()
-            return code
-        lock = self._lock_for_this_loop()
-        self._joiners += 1
+            return self.result()
+        joiners = self._join_begin()
         try:
-            async with lock:
-                code = self.popen.returncode
-                if code is None:
-                    code = await self._wait_locked()
-                self._release_watch()
-                return code
+            async with joiners.lock:
+                if not self._done():
+                    await self._wait_exited()
+                return self.result()
         finally:
-            self._joiners -= 1
+            self._join_end(joiners)
 
-    def _lock_for_this_loop(self) -> anyio.Lock:
+    def _join_begin(self) -> _Joiners:
         token = current_token()
-        if self._lock is None or self._token != token:
-            if self._joiners:
-                raise RuntimeError(
-                    f"pid {self.pid} is already being joined in another event loop; "
-                    "join a process from one event loop at a time"
-                )
-            self._token = token
-            # No yield when nobody else holds it: the wait itself is the checkpoint.
-            self._lock = anyio.Lock(fast_acquire=True)
-        return self._lock
+        with self._lock:
+            joiners = self._joiners
+            if joiners is None or joiners.token != token:
+                if joiners is not None and joiners.count:
+                    if not _loop_finished(joiners.token):
+                        raise RuntimeError(
+                            f"pid {self.pid} is already being joined in another event loop; "
+                            "join a process from one event loop at a time"
+                        )
+                    self.watch.forget_loop(joiners.token)  # its tasks will never run again
+                joiners = self._joiners = _Joiners(token)
+            joiners.count += 1
+            return joiners
 
-    async def _wait_locked(self) -> int:
-        watch = self.watch
-        if watch is None:  # pragma: no cover - released only once collected
-            raise RuntimeError("internal error: no watch for a running child")
-        watch = self.watch = usable_at_join(watch)
-        self.watcher_name = watch.name
-        self._waiting = True
+    def _join_end(self, joiners: _Joiners) -> None:
+        with self._lock:
+            joiners.count -= 1
+            if joiners.count or self._joiners is not joiners:
+                return
+            self._joiners = None
+        if self._done():
+            self.watch.close()
+
+    async def _wait_exited(self) -> None:
+        watch = self.watch = usable_at_join(self.watch)
         try:
             await watch.wait_exited()
         except anyio.ClosedResourceError:
-            pass  # close() released the watch: the child had already exited
+            return  # close() released the watch: the child had already been collected
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
@@ -143,121 +258,121 @@ class ChildState:
                 f"({errno.errorcode[exc.errno]}); the child is unaffected and can be joined "
                 "again; close file descriptors or raise RLIMIT_NOFILE",
             ) from exc
-        finally:
-            self._waiting = False
-        return await self._collect()
-
-    async def _collect(self) -> int:
-        """Collect the status of a child its watch saw exit."""
         delay = 0.0001
-        while True:
-            code = self._poll()
-            if code is not None:
-                return code
-            if self.popen.method == "forkserver":
-                # The child is gone; the fork server is about to write its code.
-                await anyio.wait_readable(self.popen.sentinel)
-                continue
-            try:
-                exited = os.waitid(  # noqa: ASYNC222 - WNOHANG: never blocks
-                    os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT
-                )
-            except ChildProcessError:
-                await anyio.lowlevel.checkpoint()
-                if self.popen.returncode is not None:  # collected by another thread
-                    return self.popen.returncode
-                raise ExitStatusLost(self.pid) from None
-            if exited is None:
-                # Only the sentinel watcher gets here: the pipe closed a moment
-                # before the child became a zombie, or the child exec'd.
+        while self.poll() is None and not self.popen.status_lost:
+            if not self.popen.reaped_here:
+                # Exited, but the fork server has not written the exit code yet.
+                await watch.wait_readable(self.popen.sentinel)
+            else:  # pragma: no cover - every watch returns once the kernel says exited
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
-    def _poll(self) -> int | None:
-        """``Popen.poll()``; first, if asked, SIGKILL what is left of the group."""
-        if not self.kill_group_at_exit or self.popen.returncode is not None:
-            return self.popen.poll()
-        if self.popen.method == "forkserver":
-            exited = _readable_now(self.popen.sentinel)  # the fork server reported it
-        else:
-            try:
-                exited = (
-                    os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-                )
-            except ChildProcessError:
-                exited = True  # collected elsewhere: Popen tells
-        if not exited:
-            return None
-        self._kill_group()
-        return self.popen.poll()
+    def wait_blocking(self, timeout: float | None = None) -> int | None:
+        """Wait for the child without an event loop (interpreter exit); None if not yet."""
+        if not self._done():
+            self.popen.wait_exited_blocking(timeout, self.pidfd)
+        return self.poll()
 
-    def _kill_group(self) -> None:
-        """SIGKILL the child's group; the child has exited but is not collected yet."""
-        watch = self.watch
-        pidfd = None if watch is None else watch.pidfd()
-        signal_group(self.popen, pidfd, signal.SIGKILL, parent=os.getpid() == self._parent_pid)
+    # -- signals -----------------------------------------------------------------
 
-    def wait_blocking(self) -> int | None:
-        """Wait for the child without an event loop (interpreter exit)."""
-        if self.kill_group_at_exit and self.popen.returncode is None:
-            if self.popen.method == "forkserver":
-                multiprocessing.connection.wait([self.popen.sentinel])
-            else:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
-            self._kill_group()
-        code = self.popen.wait()
-        if code is None:
-            code = self.popen.returncode
-        if not self._waiting:
-            self._release_watch()
-        return code
-
-    def send_signal(self, sig: signal.Signals) -> None:
-        """Send *sig* to the child, or its group; nothing once it is collected."""
-        watch = self.watch
-        if (
-            self.group
-            and self.popen.returncode is None
-            and signal_group(
-                self.popen,
-                None if watch is None else watch.pidfd(),
-                sig,
-                parent=os.getpid() == self._parent_pid,
+    def send_signal(self, sig: int) -> None:
+        """Send *sig* to the child, or its group; nothing once it may not be ours."""
+        if os.getpid() != self._parent_pid:
+            raise RuntimeError(
+                f"only the parent of pid {self.pid} can signal it safely (it alone knows "
+                "whether the pid is still the child's); signal it from the parent"
             )
-        ):
+        if self._done():
             return
-        if watch is not None:
-            watch.send_signal(sig)
-        elif self.popen.returncode is None:  # pragma: no cover - defensive
-            self.popen._send_signal(sig)  # type: ignore[attr-defined]
+        # Under the Popen's lock: no thread of ours reaps the child meanwhile.
+        with self.popen._reap_lock:
+            if self.group and self._signal_group(sig):
+                return
+            if self.pidfd >= 0:
+                self._pidfd_signal(sig, 0)
+            elif self._pid_held():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, sig)
+
+    def _pid_held(self, *, exited: bool = False) -> bool:
+        """Without a pidfd: whether the pid (and group id) still names the child.
+
+        Fork and spawn: the kernel says it is our unreaped child, SIGCHLD is not
+        ignored, and — unless *exited* — the child still holds its end of the
+        sentinel pipe (if someone else reaped it and the pid went to another
+        child of ours, the kernel's answer would be about that one).
+        Forkserver: the fork server has not reported its exit.
+        """
+        popen = self.popen
+        state = popen.exit_state()
+        if not popen.reaped_here:  # the fork server reaps it, and then reports it
+            return state is Exit.RUNNING
+        if state is Exit.GONE or sigchld_ignored():
+            return False
+        return exited or not readable_now(popen.sentinel)
+
+    def _signal_group(self, sig: int, *, exited: bool = False) -> bool:
+        """Signal the child's group; False if there is none (yet), or it is not safe."""
+        if self.pidfd >= 0 and pidfd_group_signals_work():
+            return self._pidfd_signal(sig, PIDFD_SIGNAL_PROCESS_GROUP)
+        # killpg only while the leader is our unreaped child: its pid (a zombie's
+        # too) and so its group id cannot be handed to anyone else meanwhile.
+        if not self.popen.reaped_here or not self._pid_held(exited=exited):
+            return False
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _pidfd_signal(self, sig: int, flags: int) -> bool:
+        """Signal through the pidfd; False if there is no such process (or group)."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig, None, flags)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _kill_group_remnants(self) -> None:
+        """SIGKILL what is left of the group; the child itself has exited."""
+        self._group_killed = True
+        with self.popen._reap_lock:
+            self._signal_group(signal.SIGKILL, exited=True)
+
+    # -- the end -----------------------------------------------------------------
 
     def close(self) -> None:
-        """Release everything; the child must have exited and been collected."""
-        watch = self.watch
-        if watch is not None and self._waiting:
-            fd = watch.wake_fd()
-            if fd is not None:
-                try:
-                    anyio.notify_closing(fd)
-                except Exception:
-                    raise ValueError(
-                        "cannot close a process while join() waits for it in an "
-                        "event loop of another thread; await that join first"
-                    ) from None
-        self._release_watch()
+        """Release everything; the child must have exited and been collected (or lost)."""
+        with self._lock:
+            joiners = self._joiners
+        if joiners is not None and joiners.count:
+            if joiners.thread != threading.get_ident() and not _loop_finished(joiners.token):
+                raise ValueError(
+                    "cannot close a process while join() waits for it in an event loop of "
+                    "another thread; await that join first"
+                )
+            if joiners.token != token_here():
+                self.watch.forget_loop(joiners.token)
+        self.watch.close()
         self._release_fds()
+        pidfd, self.pidfd = self.pidfd, -1
+        if pidfd >= 0:
+            os.close(pidfd)
         self.popen.close()
 
     def _release_fds(self) -> None:
         fds, self._fds = self._fds, ()
         if os.getpid() == self._parent_pid:
-            _fds.release(*fds)
+            _fds.release(*fds, self.pidfd)
 
     def __del__(self) -> None:
-        self._release_fds()  # the stdlib's finalizer closes them with the Popen
+        if os.getpid() != self._parent_pid:
+            return  # a forked copy: the descriptors are not ours
+        self._release_fds()
+        pidfd, self.pidfd = self.pidfd, -1
+        if pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(pidfd)
 
-    def _release_watch(self) -> None:
-        watch, self.watch = self.watch, None
-        if watch is not None:
-            watch.close()
+
+__all__ = ["Child"]

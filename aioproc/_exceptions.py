@@ -18,20 +18,31 @@ class WatcherUnavailable(RuntimeError):
 
 
 class ExitStatusLost(ChildProcessError):
-    """Raised by ``join()`` when something other than aioproc reaped the child.
+    """Raised once, by ``join()`` or ``exitcode``, when the child's exit status is gone.
 
     That happens when another part of the program calls ``os.waitpid(-1, ...)``
-    or sets ``SIGCHLD`` to ``SIG_IGN``: the kernel hands the exit status to
-    whoever asks first, and it cannot be recovered afterwards.
+    or ``os.wait()``, or sets ``SIGCHLD`` to ``SIG_IGN`` (the kernel then reaps
+    every child itself): the kernel hands the exit status to whoever asks
+    first, and it cannot be recovered afterwards.  For a forkserver child, the
+    fork server may have died before reporting it.  The process object stays
+    consistent: ``is_alive()`` is False, ``exitcode`` None (unknown), ``close()``
+    works, and no signal is sent to the pid any more (it may be someone else's).
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, reason: str = "") -> None:
+        reason = reason or (
+            "consumed by someone else (os.waitpid(-1, ...) or os.wait() elsewhere in "
+            "the program, or SIGCHLD set to SIG_IGN)"
+        )
         super().__init__(
-            f"the exit status of child pid {pid} was consumed by someone else "
-            "(os.waitpid(-1, ...) elsewhere in the program, or SIGCHLD set to "
-            "SIG_IGN); aioproc cannot report its exit code"
+            f"the exit status of child pid {pid} was {reason}; aioproc cannot report "
+            "its exit code, and the child has exited"
         )
         self.pid = pid
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.pid, self.reason))
 
 
 # -- aioproc.run ----------------------------------------------------------------

@@ -9,8 +9,14 @@ They are kept as a bitmap indexed by descriptor number, not as a set of
 objects: after a fork, every page the child writes is copied, and iterating
 objects writes their reference counts.  Reading the bitmap copies nothing.
 
-The objects that own these descriptors (Popen, watches) are inherited too; in
-the child they must not use or close them again: see ``Watch.owned_here``.
+The bookkeeping belongs to the process that holds the descriptors.  Every
+forked child, however it was forked (``os.fork()`` by user code too), starts
+with an empty map: the parent's is set aside for ``close_inherited`` and
+otherwise dropped, so a child that closes its descriptors and opens new ones
+under the same numbers never has them closed behind its back.
+
+The objects that own these descriptors (Popen, handles) are inherited too; in
+the child they must not use or close them again (they check their owner pid).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import os
 
 _held = bytearray()
+#: In a forked child until ``close_inherited``: what the parent held.
+_inherited = bytearray()
 
 
 def hold(*fds: int) -> None:
@@ -36,12 +44,22 @@ def release(*fds: int) -> None:
 
 
 def close_inherited() -> None:
-    """In a forked child: close every descriptor the parent held for its children."""
-    fd = _held.find(1)
+    """In a child forked by aioproc: close every descriptor the parent held for its children."""
+    global _inherited
+    inherited, _inherited = _inherited, bytearray()
+    fd = inherited.find(1)
     while fd >= 0:
         try:
             os.close(fd)
         except OSError:
             pass
-        fd = _held.find(1, fd + 1)
-    _held.clear()
+        fd = inherited.find(1, fd + 1)
+
+
+def _set_aside_in_child() -> None:
+    # Rebinding only: no page of the parent's bitmap is written (or copied).
+    global _held, _inherited
+    _held, _inherited = bytearray(), _held
+
+
+os.register_at_fork(after_in_child=_set_aside_in_child)

@@ -1,81 +1,274 @@
-"""Starting a child so that a start that fails leaves nothing behind.
+"""One class per start method: how its child is created, who reaps it, where its
+exit code comes from, and how to wait for it without an event loop.
 
-``multiprocessing`` starts a child through one ``Popen`` class per start
-method.  The fork method's opens two pipes, then forks, and registers the
-finalizer that closes the pipes only once the fork has succeeded.  When
-``os.fork()`` fails (EAGAIN: RLIMIT_NPROC or the pid space is exhausted;
-ENOMEM) or the second ``os.pipe()`` does (EMFILE), the descriptors it opened
-are lost: nothing refers to them any more, so they stay open for the life of
-the program (CPython 3.10 to 3.14).  spawn and forkserver register their
-finalizer in time, but it only runs when the ``Popen`` is garbage collected,
-and the traceback of the failure keeps it alive.
+``multiprocessing`` starts a child through one ``Popen`` class per start method;
+so does aioproc, and each class also answers the questions the rest of the
+package would otherwise ask of the start method's name:
 
-So ``AsyncProcess.start()`` goes through ``launch()``:
+- ``reaped_here``: fork and spawn children are ours to reap (``wait4``, which
+  also returns the kernel's accounting); a forkserver child is the fork
+  server's, which reaps it and writes its exit code on the sentinel pipe.
+- ``exit_state()``: has the child exited, without collecting anything.  Fork
+  and spawn ask the kernel (``waitid`` with ``WNOWAIT``); forkserver looks at the
+  sentinel, because a pidfd turns readable before the server has written the code.
+- ``wait_exited_blocking()``: the same, blocking (a watcher thread, exit time).
+- ``poll()``: collect the status once, under a lock, so that threads polling
+  ``is_alive()`` never race a join into a false "lost" verdict.  When someone
+  else took the status (a foreign ``waitpid(-1)``, SIGCHLD set to SIG_IGN, a fork
+  server that died), ``status_lost`` is set instead of making up an exit code.
 
-- fork: the pipes and the fork are done here, closing what was opened when a
-  step fails; the child runs exactly what the stdlib's fork child runs.
-- spawn and forkserver: the stdlib's launch; when it fails, its descriptors
-  are closed at once, and a spawn child that already exists (it died before
-  the process object could be written to it) is killed and reaped.  A
-  request that finds the fork server dying is made once more, to a new one.
-
-Either way the error says what ran out and what to do (``start_error``), and
-the ``AsyncProcess`` stays unstarted: ``start()`` may be called again.
-
-One leak is left, inside the stdlib's forkserver client
-(``forkserver.connect_to_new_process``): when its second ``os.pipe()`` fails
-with EMFILE, the first pipe is lost.  Fixing it would mean rewriting the fork
-server protocol, which differs between Python versions.
+Starting leaves nothing behind when it fails.  The stdlib's fork ``Popen``
+loses its two pipes when ``os.fork()`` or the second ``os.pipe()`` fails
+(CPython 3.10 to 3.14), and its forkserver client loses the first pipe when the
+second one fails; here every step closes what the earlier ones opened.  A spawn
+or forkserver start can be *deferred* (``start_async``): ``_launch`` stops once
+the child exists, and ``finish()`` / ``finish_async()`` send its data (and, for
+forkserver, read its pid), so the waits can happen in the event loop.
 """
 
 from __future__ import annotations
 
-import atexit
+import contextlib
+import enum
 import errno
+import io
 import os
+import select
 import signal
 import sys
-import time
-from multiprocessing import forkserver, popen_fork, popen_forkserver, popen_spawn_posix, util
-from typing import TYPE_CHECKING, Any
+import threading
+import weakref
+from multiprocessing import (
+    forkserver,
+    popen_fork,
+    popen_forkserver,
+    popen_spawn_posix,
+    process,
+    reduction,
+    resource_tracker,
+    spawn,
+    util,
+)
+from multiprocessing.context import set_spawning_popen
+from typing import TYPE_CHECKING, ClassVar
 
 from ._usage import ResourceUsage
 
 if TYPE_CHECKING:
-    from multiprocessing.context import BaseContext
     from multiprocessing.process import BaseProcess
 
 #: Python 3.13 runs the child's atexit handlers in a forked child (gh-83856).
 _ATEXIT_IN_FORK_CHILD = sys.version_info >= (3, 13)
 
 
-def _reap(popen: ForkPopen | SpawnPopen, flag: int) -> int | None:
-    """``Popen.poll()``, collecting the child's resource usage with its status.
+class Exit(enum.Enum):
+    """What the kernel (or the fork server) says about a child, collecting nothing."""
 
-    The stdlib reaps with ``waitpid``, which drops the kernel's accounting;
-    ``wait4`` is the same call with it.  Every reaping of a fork or spawn
-    child goes through here (``poll()``, ``wait()``, ``is_alive()``,
-    ``exitcode``, ``join()`` whatever the watcher, interpreter exit).
-    """
-    if popen.returncode is None:
-        try:
-            pid, status, usage = os.wait4(popen.pid, flag)
-        except OSError:
-            return None  # as the stdlib: not our child (yet)
-        if pid == popen.pid:
-            popen.resource_usage = ResourceUsage.from_rusage(usage)
-            popen.returncode = os.waitstatus_to_exitcode(status)
-    return popen.returncode
+    RUNNING = "running"
+    #: Exited and still ours to collect: its pid (a zombie's) is still in use.
+    EXITED = "exited"
+    #: Collected, by us (``returncode`` is set) or by someone else (``status_lost``).
+    GONE = "gone"
 
 
-class ForkPopen(popen_fork.Popen):
-    """The fork method's Popen, closing its pipes when the fork fails."""
+def readable_now(fd: int) -> bool:
+    """Whether *fd* is readable (or hung up) right now."""
+    poller = select.poll()  # not select(): descriptors go past FD_SETSIZE here
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
-    #: Set when the child is reaped (see ``_reap``).
+
+def readable_within(fd: int, timeout: float | None) -> bool:
+    """Whether *fd* turns readable within *timeout* seconds (None: wait for it)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+
+class _AioprocPopen(popen_fork.Popen):
+    """What every start method's Popen provides here (see the module docstring)."""
+
+    #: Whether this process reaps the child (its SIGCHLD reaches us, wait4 works).
+    reaped_here: ClassVar[bool] = True
+    #: The parent makes the child's process group too (the classic double setpgid).
+    group_from_parent: ClassVar[bool] = False
+    #: The child is created by this thread, and starts with its signal mask.
+    inherits_signal_mask: ClassVar[bool] = True
+    #: Why ``die_with_parent`` cannot hold for this start method (None: it can).
+    lifeline_problem: ClassVar[str | None] = None
+    #: Descriptors passed to a spawn or forkserver child (the stdlib's list).
+    _fds: list[int]
+    #: Set when the child is reaped with wait4; None where the kernel's
+    #: accounting does not reach us (forkserver).
     resource_usage: ResourceUsage | None = None
+    #: Someone else collected the exit status: it cannot be known any more.
+    status_lost = False
+    #: What happened to the status, for the error that reports it.
+    lost_reason = ""
+    #: The child's pidfd (its handle's), once opened; -1 without one.
+    pidfd = -1
+    #: For a deferred start (``start_async``): the pickled data still to send.
+    _data: memoryview | None = None
+    _data_fd = -1
+
+    def __init__(self, process_obj: BaseProcess, *, deferred: bool = False) -> None:
+        self._reap_lock = threading.Lock()
+        self._owner = os.getpid()
+        self._deferred = deferred
+        self._process = weakref.ref(process_obj)
+        super().__init__(process_obj)
+
+    # -- collecting the status ---------------------------------------------------
 
     def poll(self, flag: int = os.WNOHANG) -> int | None:
-        return _reap(self, flag)
+        """Collect the exit status if the child has exited (once, whoever asks)."""
+        if self.returncode is None and not self.status_lost:
+            with self._reap_lock:
+                if self.returncode is None and not self.status_lost:
+                    self._collect(flag)
+        return self.returncode
+
+    def _collect(self, flag: int) -> None:
+        raise NotImplementedError
+
+    def _lost(self, reason: str) -> None:
+        self.status_lost = True
+        self.lost_reason = reason
+        proc = self._process()
+        if proc is not None:  # stdlib's active_children() must not list it forever
+            process._children.discard(proc)  # type: ignore[attr-defined]
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the exit (at most *timeout* seconds) and collect the status."""
+        if self.returncode is None and not self.status_lost:
+            self.wait_exited_blocking(timeout)
+        return self.poll()
+
+    def exit_state(self) -> Exit:
+        """Whether the child has exited, collecting nothing."""
+        raise NotImplementedError
+
+    def wait_exited_blocking(self, timeout: float | None = None, pidfd: int = -1) -> bool:
+        """Block until the child has exited (True) or *timeout* passed (False)."""
+        raise NotImplementedError
+
+    def owned_here(self) -> bool:
+        """False in a forked copy of the parent: the child is not ours there."""
+        return self._owner == os.getpid()
+
+    # -- deferred starts -------------------------------------------------------------
+
+    def _pickled(self, process_obj: BaseProcess) -> memoryview:
+        """The preparation data and process object, as the stdlib sends them."""
+        prep_data = spawn.get_preparation_data(process_obj._name)  # type: ignore[attr-defined]
+        buf = io.BytesIO()
+        set_spawning_popen(self)  # type: ignore[arg-type]
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        return buf.getbuffer()
+
+    def _drop_data(self) -> None:
+        data, self._data = self._data, None
+        if data is not None:
+            data.release()  # a view of a BytesIO, which must not outlive it
+
+    def finish(self) -> None:
+        """Send what a deferred start left to send, blocking."""
+
+    async def finish_async(self) -> None:
+        """Send what a deferred start left to send, waiting in the event loop."""
+
+    def abandon(self) -> None:
+        """Undo a start that failed half-way: kill the child if it exists, close all."""
+        self._drop_data()
+        if self.finalizer is not None:
+            self.finalizer()
+
+
+#: waitid() on a pidfd (Linux >= 5.4): asks about the very process, not its number.
+_P_PIDFD: int | None = getattr(os, "P_PIDFD", None)
+_PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT
+
+
+class _ReapedHere(_AioprocPopen):
+    """Fork and spawn: our own children, reaped with wait4.
+
+    With a pidfd, the kernel is asked about the process itself
+    (``waitid(P_PIDFD)``) before its pid is used: once someone else reaped it,
+    the pid may be another child's, and ``wait4(pid)`` would take that one's
+    status.  Without a pidfd, the pid is all there is.
+    """
+
+    def _peek(self) -> os.waitid_result | None:
+        """``waitid(..., WNOWAIT | WNOHANG)``: None while running; ChildProcessError if gone."""
+        global _P_PIDFD
+        if self.pidfd >= 0 and _P_PIDFD is not None:
+            try:
+                return os.waitid(_P_PIDFD, self.pidfd, _PEEK)
+            except ChildProcessError:
+                raise
+            except OSError as exc:  # EINVAL: a kernel before 5.4
+                if exc.errno != errno.EINVAL:
+                    raise
+                _P_PIDFD = None
+        return os.waitid(os.P_PID, self.pid, _PEEK)
+
+    def _collect(self, flag: int) -> None:
+        try:
+            if self.pidfd >= 0 and self._peek() is None and flag == os.WNOHANG:
+                return
+            pid, status, usage = os.wait4(self.pid, flag)
+        except ChildProcessError:
+            if self.owned_here():
+                self._lost(
+                    "consumed by someone else (os.waitpid(-1, ...) or os.wait() "
+                    "elsewhere in the program, or SIGCHLD set to SIG_IGN)"
+                )
+            return
+        if pid == self.pid:
+            self.resource_usage = ResourceUsage.from_rusage(usage)
+            self.returncode = os.waitstatus_to_exitcode(status)
+
+    def exit_state(self) -> Exit:
+        if self.returncode is not None or self.status_lost:
+            return Exit.GONE
+        try:
+            info = self._peek()
+        except ChildProcessError:
+            return Exit.GONE
+        return Exit.RUNNING if info is None else Exit.EXITED
+
+    def wait_exited_blocking(self, timeout: float | None = None, pidfd: int = -1) -> bool:
+        if pidfd >= 0:
+            return readable_within(pidfd, timeout)
+        if timeout is None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+            return True
+        # Without a pidfd, waitid has no timeout: the sentinel pipe has one.
+        # Its far end may live on in a grandchild, so it only bounds the wait.
+        readable_within(self.sentinel, timeout)
+        return self.exit_state() is not Exit.RUNNING
+
+    def abandon(self) -> None:
+        pid = getattr(self, "pid", None)
+        if pid and self.returncode is None and self.exit_state() is not Exit.GONE:
+            # Unreaped: the pid is still the child's, so the signal cannot go astray.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        super().abandon()
+
+
+class ForkPopen(_ReapedHere):
+    """fork: two pipes and ``os.fork()``; the child runs the process object directly."""
+
+    method = "fork"
+    group_from_parent: ClassVar[bool] = True
 
     def _launch(self, process_obj: BaseProcess) -> None:
         opened: list[int] = []
@@ -106,6 +299,8 @@ def _run_forked_child(process_obj: BaseProcess, unused: tuple[int, int], sentine
     code = 1
     try:
         if _ATEXIT_IN_FORK_CHILD:
+            import atexit  # noqa: PLC0415 - only in the child
+
             atexit._clear()
             atexit.register(util._exit_function)  # type: ignore[attr-defined]
         for fd in unused:
@@ -113,163 +308,261 @@ def _run_forked_child(process_obj: BaseProcess, unused: tuple[int, int], sentine
         code = process_obj._bootstrap(parent_sentinel=sentinel)  # type: ignore[attr-defined]
     finally:
         if _ATEXIT_IN_FORK_CHILD:
+            import atexit  # noqa: PLC0415
+
             atexit._run_exitfuncs()
         os._exit(code)
 
 
-def clean_up_failed_launch(popen: Any) -> None:
-    """Close what a failed stdlib launch opened, and reap a child it created."""
-    if popen.finalizer is not None:
-        popen.finalizer()
-    pid = getattr(popen, "pid", None)
-    if pid and popen.method == "spawn":  # a forkserver child is the server's
+def _write_blocking(fd: int, data: memoryview) -> None:
+    os.set_blocking(fd, True)
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+
+
+async def _write_async(fd: int, data: memoryview) -> None:
+    """Write *data* to the pipe *fd*, waiting in the loop while the pipe is full."""
+    import anyio  # noqa: PLC0415 - the parent's event-loop side
+
+    os.set_blocking(fd, False)
+    done = 0
+    while done < len(data):
         try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except OSError:
-            pass
+            done += os.write(fd, data[done:])
+        except BlockingIOError:
+            await anyio.wait_writable(fd)
 
 
-class SpawnPopen(popen_spawn_posix.Popen):
-    """The spawn method's Popen, closing its pipes at once when the start fails."""
+class SpawnPopen(_ReapedHere, popen_spawn_posix.Popen):
+    """spawn: ``vfork()`` + ``exec()`` of a new interpreter, then its data on a pipe."""
 
-    #: Set when the child is reaped (see ``_reap``).
-    resource_usage: ResourceUsage | None = None
-
-    def poll(self, flag: int = os.WNOHANG) -> int | None:
-        return _reap(self, flag)
+    method = "spawn"
 
     def _launch(self, process_obj: BaseProcess) -> None:
         try:
-            super()._launch(process_obj)  # type: ignore[misc]
+            tracker_fd = resource_tracker.getfd()
+            if tracker_fd is not None:
+                self._fds.append(tracker_fd)
+            self._data = self._pickled(process_obj)
+            parent_r = child_w = child_r = parent_w = None
+            try:
+                parent_r, child_w = os.pipe()
+                child_r, parent_w = os.pipe()
+                cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
+                self._fds.extend([child_r, child_w])
+                self.pid = util.spawnv_passfds(
+                    spawn.get_executable(),  # type: ignore[arg-type]
+                    cmd,
+                    self._fds,
+                )
+                self.sentinel = parent_r
+                self._data_fd = parent_w
+            finally:
+                opened = [fd for fd in (parent_r, parent_w) if fd is not None]
+                self.finalizer = util.Finalize(
+                    self,
+                    util.close_fds,  # type: ignore[attr-defined]
+                    opened,
+                )
+                for fd in (child_r, child_w):
+                    if fd is not None:
+                        os.close(fd)
+            if not self._deferred:
+                self.finish()
         except BaseException:
-            clean_up_failed_launch(self)
+            self.abandon()
             raise
 
+    def finish(self) -> None:
+        if self._data is not None:
+            try:
+                _write_blocking(self._data_fd, self._data)
+            finally:
+                self._drop_data()
 
-class ForkServerPopen(popen_forkserver.Popen):
-    """The forkserver method's Popen, closing its pipes at once when the start fails."""
+    async def finish_async(self) -> None:
+        if self._data is not None:
+            try:
+                await _write_async(self._data_fd, self._data)
+            except BaseException:
+                self.abandon()
+                raise
+            finally:
+                self._drop_data()
 
-    #: Always None: the fork server reaps the child, and the kernel's
-    #: accounting goes to it; only the exit code is passed on to us.
-    resource_usage: ResourceUsage | None = None
+
+# The stdlib's forkserver client opens a socket and two pipes, and loses the
+# first pipe when the second os.pipe() fails (CPython 3.10-3.14).  Checking that
+# this many descriptors are free just before the request spares it that.
+_FORKSERVER_CLIENT_FDS = 5
+
+
+def _reserve_descriptors(count: int) -> None:
+    """Raise EMFILE now, leaking nothing, unless *count* descriptors can be opened."""
+    held: list[int] = []
+    try:
+        while len(held) < count - 1:
+            held.extend(os.pipe())
+        if len(held) < count:
+            held.append(os.dup(held[0]) if held else os.open(os.devnull, os.O_RDONLY))
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
+    """forkserver: the fork server forks the child and reaps it; we get its exit code."""
+
+    method = "forkserver"
+    reaped_here: ClassVar[bool] = False
+    inherits_signal_mask: ClassVar[bool] = False
+    lifeline_problem: ClassVar[str | None] = (
+        "the child's parent is the fork server, which outlives this process as long as "
+        "any of its children lives (each holds the pipe that keeps it alive)"
+    )
+    _pid_read = False
 
     def _launch(self, process_obj: BaseProcess) -> None:
         try:
-            super()._launch(process_obj)  # type: ignore[misc]
+            self._data = self._pickled(process_obj)
+            forkserver.ensure_running()
+            _reserve_descriptors(_FORKSERVER_CLIENT_FDS)
+            self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+            try:
+                # As the stdlib: a duplicate of the data pipe's write end stays
+                # open as the child's sign that its parent lives.
+                parent_w = os.dup(w)
+            except BaseException:
+                os.close(w)
+                os.close(self.sentinel)
+                raise
+            self._data_fd = w
+            self.finalizer = util.Finalize(
+                self,
+                util.close_fds,  # type: ignore[attr-defined]
+                (parent_w, self.sentinel),
+            )
+            if not self._deferred:
+                self.finish()
         except BaseException:
-            clean_up_failed_launch(self)
+            self.abandon()
             raise
 
+    # The server writes the pid as soon as it has forked, before the child reads
+    # anything: reading it first means a start that fails while the data is sent
+    # can kill a child that has not run a line of the target yet.
+    def finish(self) -> None:
+        try:
+            if not self._pid_read:
+                self.pid = forkserver.read_signed(self.sentinel)
+                self._pid_read = True
+            if self._data is not None:
+                _write_blocking(self._data_fd, self._data)
+        except BaseException as exc:
+            self._kill_unborn(kill=not isinstance(exc, BrokenPipeError))
+            self.abandon()
+            raise
+        finally:
+            self._drop_data()
+            self._close_data_fd()
 
-_CLASSES: dict[str, type[popen_fork.Popen]] = {
+    async def finish_async(self) -> None:
+        import anyio  # noqa: PLC0415 - the parent's event-loop side
+
+        try:
+            if not self._pid_read:
+                await anyio.wait_readable(self.sentinel)
+                self.pid = forkserver.read_signed(self.sentinel)
+                self._pid_read = True
+            if self._data is not None:
+                await _write_async(self._data_fd, self._data)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._kill_unborn_async(kill=not isinstance(exc, BrokenPipeError))
+            self.abandon()
+            raise
+        finally:
+            self._drop_data()
+            self._close_data_fd()
+
+    def _close_data_fd(self) -> None:
+        fd, self._data_fd = self._data_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    # A child whose data was not all sent cannot finish: it blocks reading it
+    # while we hold the pipe.  Unless something else killed it, it is alive and
+    # its pid its own (the server has not reported its exit on the sentinel).
+    # EPIPE means the child closed its end: it is gone, and not signalled.
+    def _kill_unborn(self, *, kill: bool) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            if not self._pid_read:
+                if not readable_within(self.sentinel, _UNBORN_WAIT):
+                    return
+                self.pid = forkserver.read_signed(self.sentinel)
+                self._pid_read = True
+            if kill and not readable_now(self.sentinel):
+                os.kill(self.pid, signal.SIGKILL)
+            readable_within(self.sentinel, _UNBORN_WAIT)
+
+    async def _kill_unborn_async(self, *, kill: bool) -> None:
+        import anyio  # noqa: PLC0415
+
+        with anyio.move_on_after(_UNBORN_WAIT), contextlib.suppress(OSError, EOFError):
+            if not self._pid_read:
+                await anyio.wait_readable(self.sentinel)
+                self.pid = forkserver.read_signed(self.sentinel)
+                self._pid_read = True
+            if kill and not readable_now(self.sentinel):
+                os.kill(self.pid, signal.SIGKILL)
+            await anyio.wait_readable(self.sentinel)
+
+    def abandon(self) -> None:
+        self._close_data_fd()
+        super().abandon()
+
+    def _collect(self, flag: int) -> None:
+        if not readable_within(self.sentinel, 0 if flag == os.WNOHANG else None):
+            return
+        try:
+            self.returncode = forkserver.read_signed(self.sentinel)
+        except (OSError, EOFError):
+            self._lost(
+                "never reported: the fork server closed the child's status pipe first "
+                "(it died, was killed, or ran out of file descriptors)"
+            )
+
+    def exit_state(self) -> Exit:
+        if self.returncode is not None or self.status_lost:
+            return Exit.GONE
+        return Exit.EXITED if readable_now(self.sentinel) else Exit.RUNNING
+
+    def wait_exited_blocking(self, timeout: float | None = None, pidfd: int = -1) -> bool:
+        # The code arrives on the sentinel after the pidfd turns readable.
+        return readable_within(self.sentinel, timeout)
+
+
+# How long a failed forkserver start waits for the pid of the child it must
+# kill, and then for the server's report of its death.  The server forks at
+# once; only a server that hangs makes this run out.
+_UNBORN_WAIT = 5.0
+
+POPEN_CLASSES: dict[str, type[_AioprocPopen]] = {
     "fork": ForkPopen,
     "spawn": SpawnPopen,
     "forkserver": ForkServerPopen,
 }
 
+AioprocPopen = _AioprocPopen
 
-def launch(process_obj: BaseProcess, ctx: BaseContext) -> popen_fork.Popen:
-    """Start *process_obj*'s child with *ctx*'s start method; return its Popen.
-
-    When it fails, nothing is left open or running, and the error says what
-    ran out and what to do (see ``start_error``).
-    """
-    method = ctx.get_start_method()
-    cls = _CLASSES.get(method)
-    try:
-        if cls is None:  # a start method of someone else's making
-            popen: popen_fork.Popen = ctx.Process._Popen(process_obj)  # type: ignore[attr-defined]
-            return popen
-        if method == "forkserver":
-            return _launch_through_fork_server(cls, process_obj)
-        return cls(process_obj)
-    except OSError as exc:
-        error = start_error(exc)
-        if error is exc:
-            raise
-        raise error from exc
-
-
-def _launch_through_fork_server(
-    cls: type[popen_fork.Popen], process_obj: BaseProcess
-) -> popen_fork.Popen:
-    """Ask the fork server for the child, once more if the server was going away.
-
-    The stdlib's fork server dies when a request fails half-way (a client that
-    ran out of descriptors after connecting) or when it cannot fork.  The next
-    request then finds it dying: refused, hung up on, or a broken pipe.  That
-    request is made once more, once the old server is gone, so that a new one
-    is started.
-    """
-    try:
-        return cls(process_obj)
-    except (ConnectionError, EOFError):  # refused, hung up on, or a broken pipe
-        _wait_until_fork_server_exited()
-    try:
-        return cls(process_obj)
-    except EOFError as exc:
-        _wait_until_fork_server_exited()
-        raise fork_server_died() from exc
-
-
-def fork_server_died() -> RuntimeError:
-    return RuntimeError(
-        "the fork server closed the connection before reporting the new child "
-        "(it died, or could not fork: see its error output); nothing was started, "
-        "and start() may be called again, which starts a new fork server"
-    )
-
-
-def _wait_until_fork_server_exited(timeout: float = 5.0) -> None:
-    """Wait (without reaping it) for a fork server that is going away to be gone.
-
-    It closes its socket and our pipe a moment before it becomes a zombie, and
-    ``forkserver.ensure_running()`` starts a new server only once the old one
-    is a zombie: without this wait, a ``start()`` right after could still find
-    the dying one.
-    """
-    deadline = time.monotonic() + timeout
-    while not fork_server_exited() and time.monotonic() < deadline:
-        time.sleep(0.001)
-
-
-def fork_server_exited() -> bool:
-    """Whether the fork server we know of (if any) has exited; it is not reaped."""
-    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
-    if not pid:
-        return True
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-_WHAT_RAN_OUT = {
-    errno.EAGAIN: (
-        "fork failed: too many processes (EAGAIN); raise RLIMIT_NPROC or wait for children to exit"
-    ),
-    errno.ENOMEM: (
-        "fork failed: not enough memory (ENOMEM); free memory or start fewer processes at once"
-    ),
-    errno.EMFILE: (
-        "could not open the new child's pipes: too many open files (EMFILE); close "
-        "file descriptors or raise RLIMIT_NOFILE"
-    ),
-    errno.ENFILE: (
-        "could not open the new child's pipes: the system's file table is full "
-        "(ENFILE); close file descriptors"
-    ),
-}
-
-
-def start_error(exc: OSError) -> OSError:
-    """The error ``start()`` raises for *exc*: what ran out, and what to do.
-
-    Errors it has nothing to add to are returned unchanged.  The new error has
-    the same errno, hence the same class (``BlockingIOError`` for EAGAIN).
-    """
-    what = _WHAT_RAN_OUT.get(exc.errno or 0)
-    if what is None:
-        return exc
-    return OSError(exc.errno, f"{what}; nothing was started and start() may be called again")
+__all__ = [
+    "POPEN_CLASSES",
+    "AioprocPopen",
+    "Exit",
+    "ForkPopen",
+    "ForkServerPopen",
+    "SpawnPopen",
+    "readable_now",
+    "readable_within",
+]

@@ -4,85 +4,35 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
-import math
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.process as mp_process
-import multiprocessing.util as mp_util
-import numbers
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _fds
-from ._childstate import reset_loop_state
-from ._popen import launch
-from ._tree import (
-    arm_lifeline,
+from ._checks import (
     check_die_with_parent,
     check_flag,
-    check_lifeline_method,
-    expected_parent,
-    lead_own_group,
-    set_group_from_parent,
+    check_timeout,
+    resolve_context,
+    start_method_of,
 )
+from ._reset import reset_loop_state
+from ._tree import arm_lifeline, expected_parent, lead_own_group, set_group_from_parent
 
 if TYPE_CHECKING:
-    from multiprocessing.popen_fork import Popen
-
-    from ._child import ChildState
+    from ._child import Child
+    from ._popen import AioprocPopen
+    from ._start import Around
     from ._usage import ResourceUsage
     from ._watchers import Watch, WatcherName
 
-# The event-loop side (anyio, the watchers) is imported on first use by the
-# parent, so that a spawn or forkserver child, which imports this module to
-# unpickle its process object, does not pay for it.
-
-# A timeout this long is "forever"; a larger one would overflow some loops' timers.
-_FOREVER = 1e9
-
-
-def _check_timeout(timeout: object) -> float | None:
-    """The timeout as a float, None for "forever"; or a clear error.
-
-    Any real number is accepted (int, float, Fraction, numpy scalars); one too
-    large for a float (``10**400``) waits forever like ``inf``.
-    """
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(
-            "timeout must be a real number of seconds (an int or a float) or None, "
-            f"not {type(timeout).__name__}"
-        )
-    try:
-        seconds = float(timeout)
-    except OverflowError:  # an int or a Fraction beyond any float
-        seconds = -math.inf if timeout < 0 else math.inf
-    if math.isnan(seconds):
-        raise ValueError("timeout must be a number of seconds or None, not NaN")
-    if seconds < 0:
-        raise ValueError(f"timeout must be >= 0 (0 polls, None waits forever), got {timeout!r}")
-    return None if seconds >= _FOREVER else seconds
-
-
-def _resolve_context(context: object) -> multiprocessing.context.BaseContext | None:
-    if context is None or isinstance(context, multiprocessing.context.BaseContext):
-        return context
-    if isinstance(context, str):
-        methods = multiprocessing.get_all_start_methods()
-        if context not in methods:
-            raise ValueError(
-                f"unknown start method {context!r}; use one of {', '.join(methods)} "
-                "or a multiprocessing context"
-            )
-        return multiprocessing.get_context(context)
-    raise TypeError(
-        "context must be a start method name, a multiprocessing context or None, "
-        f"not {type(context).__name__}"
-    )
+# The event-loop side (anyio, the watchers, the handle) is imported on first
+# use by the parent, so that a spawn or forkserver child, which imports this
+# module to unpickle its process object, does not pay for it.
 
 
 def _exitcode_text(code: int) -> str:
@@ -121,9 +71,10 @@ class AsyncProcess(mp_process.BaseProcess):
     method (``NotImplementedError``).
     """
 
-    _start_method: str | None = None
     _ctx: multiprocessing.context.BaseContext | None = None
-    _state: ChildState | None = None
+    #: Read by the stdlib's bootstrap: the child's default start method.
+    _start_method: str | None = None
+    _child: Child | None = None
     #: True while start_async() is starting the child.
     _starting = False
     _new_process_group = False
@@ -132,9 +83,13 @@ class AsyncProcess(mp_process.BaseProcess):
     _lifeline_parent: int | None = None
     #: ``aioproc.run`` sets this: SIGKILL what is left of the group at exit.
     _kill_group_at_exit = False
+    #: A call owns this child (``run``, a pool): stopped, not awaited, at interpreter exit.
+    _stop_at_exit = False
+    #: Seconds between SIGTERM and SIGKILL when it is stopped at interpreter exit.
+    _exit_grace = 1.0
 
     if TYPE_CHECKING:  # BaseProcess's private attributes, which typeshed leaves out
-        _popen: Popen | None
+        _popen: AioprocPopen | None
         _parent_pid: int
         _config: dict[str, Any]
         _closed: bool
@@ -143,8 +98,6 @@ class AsyncProcess(mp_process.BaseProcess):
         _target: Callable[..., object] | None
         _args: tuple[Any, ...]
         _kwargs: dict[str, Any]
-
-        def _check_closed(self) -> None: ...
 
     def __init__(
         self,
@@ -177,16 +130,16 @@ class AsyncProcess(mp_process.BaseProcess):
             kwargs = {}
         elif not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a dict or None, not {type(kwargs).__name__}")
-        self._ctx = _resolve_context(context)
+        if daemon is not None:
+            check_flag("daemon", daemon)
+        self._ctx = resolve_context(context)
         new_process_group = check_flag("new_process_group", new_process_group)
-        die_with_parent = check_die_with_parent(die_with_parent)
+        method = None if self._ctx is None else self._ctx.get_start_method()
+        die_with_parent = check_die_with_parent(die_with_parent, method)
         super().__init__(None, target, name, args, kwargs, daemon=daemon)
         self._new_process_group = new_process_group
         self._die_with_parent = die_with_parent
-        if die_with_parent and self._ctx is not None:
-            check_lifeline_method(self._ctx.get_start_method())
-        if self._ctx is not None:
-            self._start_method = self._ctx.get_start_method()
+        self._start_method = method
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -199,8 +152,10 @@ class AsyncProcess(mp_process.BaseProcess):
         with the number of live children.  ``start_async()`` waits for the
         child without blocking the event loop.
         """
-        ctx, watch_cls = self._check_startable()
-        self._started(launch(self, ctx), watch_cls)
+        from ._start import launch
+
+        method, watch_cls = self._check_startable()
+        self._started(launch(self, method), watch_cls)
 
     async def start_async(self) -> None:
         """Start the child like ``start()``, handing every wait to the event loop.
@@ -219,27 +174,25 @@ class AsyncProcess(mp_process.BaseProcess):
         """
         await self._start_async(contextlib.nullcontext)
 
-    async def _start_async(
-        self, around_launch: Callable[[], contextlib.AbstractContextManager[object]]
-    ) -> None:
+    async def _start_async(self, around_launch: Around) -> None:
         """``start_async()``, entering *around_launch* while the child is created."""
         import anyio.lowlevel
 
-        from ._startasync import launch_async
+        from ._start import launch_async
 
-        ctx, watch_cls = self._check_startable()
+        method, watch_cls = self._check_startable()
         self._starting = True
         try:
             # The checkpoint comes first: after a fork, every page the parent
             # touches is copied, so it yields before the fork, not after.
             await anyio.lowlevel.checkpoint()
-            popen = await launch_async(self, ctx, around_launch)
+            popen = await launch_async(self, method, around_launch)
         finally:
             self._starting = False
         self._started(popen, watch_cls)
 
-    def _check_startable(self) -> tuple[multiprocessing.context.BaseContext, type[Watch]]:
-        """Refuse a start that is misuse; the context and watcher class to start with."""
+    def _check_startable(self) -> tuple[str, type[Watch]]:
+        """Refuse a start that is misuse; the start method and watcher class to start with."""
         self._check_closed()
         if self._starting:
             raise RuntimeError(
@@ -257,42 +210,43 @@ class AsyncProcess(mp_process.BaseProcess):
                 "a daemonic process is not allowed to have children; "
                 "create the parent with daemon=False to start children from it"
             )
+        from ._exit import ensure_registered
+        from ._popen import POPEN_CLASSES
         from ._watchers import Place, choose
 
-        ctx = self._ctx if self._ctx is not None else multiprocessing.get_context()
-        method = ctx.get_start_method()
-        watch_cls = choose(Place.here(method))
-        _ensure_exit_handler()
+        method = start_method_of(self._ctx)
         if self._die_with_parent:
-            check_lifeline_method(method)
+            check_die_with_parent(True, method)
             self._lifeline_parent = expected_parent()
-        return ctx, watch_cls
+        watch_cls = choose(Place.here(POPEN_CLASSES[method]))
+        ensure_registered()
+        return method, watch_cls
 
-    def _started(self, popen: Popen, watch_cls: type[Watch]) -> None:
-        """Watch the child that *popen* started, and record it as started."""
-        from ._child import ChildState
-        from ._watchers import attach
+    def _started(self, popen: AioprocPopen, watch_cls: type[Watch]) -> None:
+        """Take charge of the child that *popen* started, and record it as started."""
+        from ._child import Child
+        from ._start import strerror
 
-        if self._new_process_group and popen.method == "fork":
+        if self._new_process_group and popen.group_from_parent:
             set_group_from_parent(popen.pid)
         try:
-            watch = attach(watch_cls, popen)
+            child = Child(
+                popen,
+                watch_cls,
+                group=self._new_process_group,
+                kill_group_at_exit=self._kill_group_at_exit,
+            )
         except BaseException as exc:
-            _kill_and_reap(popen)
+            popen.abandon()
             if isinstance(exc, OSError):
                 raise OSError(
                     exc.errno,
-                    f"could not watch the new child: {_strerror(exc)}; it was killed "
+                    f"could not watch the new child: {strerror(exc)}; it was killed "
                     "and reaped, nothing is left and start() may be called again; "
                     "close file descriptors or raise RLIMIT_NOFILE",
                 ) from exc
             raise
-        self._state = ChildState(
-            popen,
-            watch,
-            group=self._new_process_group,
-            kill_group_at_exit=self._kill_group_at_exit,
-        )
+        self._child = child
         self._popen = popen
         self._sentinel = popen.sentinel
         # As the stdlib does: no reference cycle through the target (bpo-30775).
@@ -308,20 +262,22 @@ class AsyncProcess(mp_process.BaseProcess):
         Returns None if *timeout* seconds pass first (the child keeps running).
         ``timeout=0`` polls.  Any number of tasks may join at once; all of them
         wake when the child exits.  Cancelling a join cancels only the wait:
-        the child keeps running and can be joined again.
+        the child keeps running and can be joined again.  If something else in
+        the program collected the exit status, the first join raises
+        ``ExitStatusLost``; later ones return None at once.
         """
-        import anyio.lowlevel
+        import anyio
 
-        timeout = _check_timeout(timeout)
-        state = self._started_child("join")
+        timeout = check_timeout(timeout)
+        child = self._started_child("join")
         if timeout is None:
-            code: int | None = await state.wait()
+            code = await child.wait()
         else:
             await anyio.lowlevel.checkpoint()
-            code = state.poll()
-            if code is None and timeout > 0:
+            code = child.result()
+            if code is None and timeout > 0 and not child.popen.status_lost:
                 with anyio.move_on_after(timeout):
-                    code = await state.wait()
+                    code = await child.wait()
         if code is not None:
             mp_process._children.discard(self)  # type: ignore[attr-defined]
         return code
@@ -333,24 +289,28 @@ class AsyncProcess(mp_process.BaseProcess):
             return True
         if self._parent_pid != os.getpid():
             raise RuntimeError("can only test a child process of this process")
-        if self._state is None:
+        if self._child is None:
             return False
-        if self._state.poll() is None:
+        if self._child.alive():
             return True
         mp_process._children.discard(self)  # type: ignore[attr-defined]
         return False
 
     def terminate(self) -> None:
         """Send SIGTERM to the child (nothing if it has already exited)."""
-        self._started_child("terminate", parent_only=False).send_signal(signal.SIGTERM)
+        self._started_child("terminate").send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """Send SIGKILL to the child (nothing if it has already exited)."""
-        self._started_child("kill", parent_only=False).send_signal(signal.SIGKILL)
+        self._started_child("kill").send_signal(signal.SIGKILL)
 
     def interrupt(self) -> None:
         """Send SIGINT to the child (nothing if it has already exited)."""
-        self._started_child("interrupt", parent_only=False).send_signal(signal.SIGINT)
+        self._started_child("interrupt").send_signal(signal.SIGINT)
+
+    def _signal(self, sig: int) -> None:
+        if self._child is not None:
+            self._child.send_signal(sig)
 
     def close(self) -> None:
         """Release the resources held for the child; it must have exited.
@@ -362,43 +322,57 @@ class AsyncProcess(mp_process.BaseProcess):
                 "cannot close a process that start_async() is starting; await it, "
                 "then join() the child before closing"
             )
-        state = self._state
-        if state is not None:
-            if state.poll() is None:
+        child = self._child
+        if child is not None:
+            if child.alive():
                 raise ValueError(
                     "cannot close a process that is still running; "
                     "await join() or call terminate() first"
                 )
-            state.close()
-            self._state = None
+            child.close()
+            self._child = None
             self._popen = None
             del self._sentinel
             mp_process._children.discard(self)  # type: ignore[attr-defined]
         self._closed = True
 
-    def _started_child(self, action: str, *, parent_only: bool = True) -> ChildState:
+    def _check_closed(self) -> None:
+        if self._closed:
+            raise ValueError(
+                f"process object is closed ({self._name} was released by close()); "
+                "create a new AsyncProcess to start another child"
+            )
+
+    def _started_child(self, action: str) -> Child:
         self._check_closed()
-        if parent_only:
-            if self is mp_process.current_process():
-                raise RuntimeError(f"a process cannot {action} itself")
-            if self._parent_pid != os.getpid():
-                raise RuntimeError(
-                    f"can only {action} a child of this process; {self._name} "
-                    f"was created by pid {self._parent_pid}"
-                )
-        if self._state is None:
+        if self is mp_process.current_process():
+            raise RuntimeError(f"a process cannot {action} itself")
+        if self._parent_pid != os.getpid():
+            raise RuntimeError(
+                f"can only {action} a child of this process; {self._name} "
+                f"was created by pid {self._parent_pid}"
+            )
+        if self._child is None:
             raise RuntimeError(
                 f"cannot {action} a process that has not been started; call start() first"
             )
-        return self._state
+        return self._child
 
     # -- attributes ----------------------------------------------------------
 
     @property
     def exitcode(self) -> int | None:
-        """The exit code: None while running, negative signal number if killed."""
+        """The exit code: None while running, negative signal number if killed.
+
+        The first read after something else collected the exit status raises
+        ``ExitStatusLost``; it is None (unknown) afterwards.
+        """
         self._check_closed()
-        return None if self._state is None else self._state.poll()
+        if self._child is None:
+            return None
+        if self._parent_pid != os.getpid():  # a forked copy: the child is not ours to poll
+            return self._child.returncode
+        return self._child.result()
 
     @property
     def resource_usage(self) -> ResourceUsage | None:
@@ -407,13 +381,13 @@ class AsyncProcess(mp_process.BaseProcess):
         None until the child has exited and been collected (by ``join()``,
         ``is_alive()``, ``exitcode``...), and None for good where the kernel's
         accounting does not reach us: a forkserver child (the fork server reaps
-        it), a start method of someone else's making.  See ``ResourceUsage``.
+        it), a child whose status someone else collected.  See ``ResourceUsage``.
         """
         self._check_closed()
-        state = self._state
-        if state is None or state.poll() is None:
+        child = self._child
+        if child is None or child.poll() is None:
             return None
-        return state.resource_usage
+        return child.resource_usage
 
     @property
     def daemon(self) -> bool:
@@ -427,7 +401,7 @@ class AsyncProcess(mp_process.BaseProcess):
             raise RuntimeError(
                 "cannot set daemon on a process that has been started; set it before start()"
             )
-        self._config["daemon"] = daemonic
+        self._config["daemon"] = check_flag("daemon", daemonic)
 
     @property
     def name(self) -> str:
@@ -452,21 +426,26 @@ class AsyncProcess(mp_process.BaseProcess):
     @property
     def watcher(self) -> WatcherName | None:
         """The watcher that tells ``join()`` about this child (None before start)."""
-        return None if self._state is None else self._state.watcher_name
+        return None if self._child is None else self._child.watcher_name
 
     def __repr__(self) -> str:
         info = [type(self).__name__, f"name={self._name!r}"]
-        state = self._state
+        child = self._child
         if self is mp_process.current_process():
             info.append("current")
         elif self._closed:
             info.append("closed")
-        elif state is None:
+        elif child is None:
             info.append("initial")
         else:
-            info.append(f"pid={state.pid}")
-            code = state.poll() if self._parent_pid == os.getpid() else state.returncode
-            info.append("running" if code is None else f"exitcode={_exitcode_text(code)}")
+            info.append(f"pid={child.pid}")
+            code = child.poll() if self._parent_pid == os.getpid() else child.returncode
+            if code is not None:
+                info.append(f"exitcode={_exitcode_text(code)}")
+            elif child.popen.status_lost:
+                info.append("exit status lost")
+            else:
+                info.append("running")
         if self.daemon:
             info.append("daemon")
         if self._new_process_group:
@@ -493,56 +472,6 @@ class AsyncProcess(mp_process.BaseProcess):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_ctx", None)
-        state.pop("_state", None)
+        state.pop("_child", None)
         state.pop("_starting", None)
         return state
-
-
-def _strerror(exc: OSError) -> str:
-    """'too many open files (EMFILE)': the error, and the name to look it up by."""
-    name = errno.errorcode.get(exc.errno or 0, "unknown error")
-    return f"{(exc.strerror or name).lower()} ({name})"
-
-
-def _kill_and_reap(popen: Popen) -> None:
-    try:
-        os.kill(popen.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    popen.wait()
-    popen.close()
-
-
-# -- interpreter exit ---------------------------------------------------------
-#
-# multiprocessing's exit handler terminates daemonic children and then calls
-# join() on every active child, synchronously.  Our join() is a coroutine, so
-# a finalizer of ours does that work first, for our children only, without an
-# event loop; by the time the stdlib's handler looks, they are gone from
-# active_children().  It is registered per process (the registry is cleared in
-# every child) and runs after every finalizer of higher priority, as the
-# stdlib's own loop does.
-
-_exit_handler_pid: int | None = None
-
-
-def _ensure_exit_handler() -> None:
-    global _exit_handler_pid
-    if _exit_handler_pid != os.getpid():
-        mp_util.Finalize(None, _join_children_at_exit, exitpriority=0)
-        _exit_handler_pid = os.getpid()
-
-
-def _join_children_at_exit() -> None:
-    ours = [
-        p
-        for p in list(mp_process._children)  # type: ignore[attr-defined]
-        if isinstance(p, AsyncProcess) and p._state is not None
-    ]
-    for p in ours:
-        if p.daemon and p._state is not None and p._state.returncode is None:
-            p._state.send_signal(signal.SIGTERM)
-    for p in ours:
-        if p._state is not None:
-            p._state.wait_blocking()
-        mp_process._children.discard(p)  # type: ignore[attr-defined]

@@ -46,15 +46,11 @@ import contextlib
 import fcntl
 import functools
 import inspect
-import math
 import multiprocessing
-import multiprocessing.process as mp_process
-import multiprocessing.util as mp_util
 import os
 import pickle
 import signal
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -63,6 +59,15 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import anyio
 import anyio.lowlevel
 
+from ._checks import (
+    PDEATHSIG_SUPPORTED,
+    check_die_with_parent,
+    check_flag,
+    check_grace,
+    check_timeout,
+    lifeline_problem,
+    resolve_context,
+)
 from ._exceptions import (
     ExitStatusLost,
     ProcessDied,
@@ -71,9 +76,10 @@ from ._exceptions import (
     RemoteTraceback,
     UnkillableProcessWarning,
 )
-from ._process import AsyncProcess, _check_timeout, _resolve_context
+from ._exit import DEFAULT_GRACE, KILL_WAIT, adopt, reap_stragglers
+from ._popen import POPEN_CLASSES
+from ._process import AsyncProcess
 from ._runchild import HEADER, Call, child_main, describe, type_name
-from ._tree import PDEATHSIG_SUPPORTED, check_die_with_parent, check_flag
 from ._usage import ResourceUsage
 
 if sys.version_info >= (3, 11):
@@ -87,12 +93,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 PosArgsT = TypeVarTuple("PosArgsT")
 
-#: Seconds between SIGTERM and SIGKILL when ``run`` stops a child.
-DEFAULT_GRACE = 1.0
-# Seconds to wait after SIGKILL before calling a child unkillable.  SIGKILL
-# takes effect at once unless the child is stuck in the kernel; a child with
-# a large address space can take a while to tear down, hence not less.
-_KILL_WAIT = 5.0
+#: Seconds to wait after SIGKILL before calling a child unkillable (see ``_exit``).
+_KILL_WAIT = KILL_WAIT
 
 _BIG = 1 << 20  # a result larger than this gets a larger pipe (Linux)...
 _BIG_PIPE = 1 << 20  # ... this large: the default limit for unprivileged users
@@ -168,17 +170,6 @@ class _Inbox:
         return meta, view[self.meta_len :]
 
 
-def _check_grace(grace: object) -> float:
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)):
-        raise TypeError(f"grace must be a number of seconds, not {type(grace).__name__}")
-    if not math.isfinite(grace) or grace < 0:
-        raise ValueError(
-            f"grace must be a finite number of seconds >= 0 (the wait between SIGTERM "
-            f"and SIGKILL), got {grace!r}"
-        )
-    return float(grace)
-
-
 @contextlib.contextmanager
 def _sigint_blocked(method: str) -> Iterator[None]:
     """Block SIGINT in this thread while a fork or spawn child is started.
@@ -188,7 +179,7 @@ def _sigint_blocked(method: str) -> Iterator[None]:
     when the mask is restored.  Not for forkserver: its children are the fork
     server's, and the server itself must not inherit a blocked SIGINT.
     """
-    if method == "forkserver":
+    if not POPEN_CLASSES[method].inherits_signal_mask:
         yield
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -203,8 +194,10 @@ async def _start(
     func: Callable[..., object],
     args: tuple[Any, ...],
     ctx: BaseContext,
+    *,
     new_process_group: bool,
     die_with_parent: bool,
+    grace: float,
 ) -> tuple[AsyncProcess, Connection]:
     method = ctx.get_start_method()
     reader, writer = multiprocessing.Pipe(duplex=False)
@@ -218,6 +211,8 @@ async def _start(
             die_with_parent=die_with_parent,
         )
         proc._kill_group_at_exit = True  # the whole tree ends with the call
+        proc._stop_at_exit = True  # abandoned at interpreter exit: stopped, not awaited
+        proc._exit_grace = grace
         # SIGINT is blocked only while the child is created, never across an
         # await: other tasks' children must not inherit the mask.
         await proc._start_async(functools.partial(_sigint_blocked, method))
@@ -262,11 +257,11 @@ async def _stop(
     try:
         with anyio.CancelScope(shield=True):
             code = proc.exitcode
-            if code is None:
+            if code is None and proc.is_alive():
                 proc.terminate()
                 done = "it was sent SIGTERM"
                 code = await proc.join(grace)
-            if code is None:
+            if code is None and proc.is_alive():
                 proc.kill()
                 done = f"it was sent SIGTERM, then SIGKILL after the {grace:g} s grace period,"
                 code = await proc.join(_KILL_WAIT)
@@ -276,12 +271,15 @@ async def _stop(
         _stop_now(proc)
         raise
     except ExitStatusLost:
-        return None, f"{done} and reaped by someone else", None
+        code = None
     if code is not None:
         usage = proc.resource_usage
         proc.close()
         return code, f"{done} and reaped (exit code {code})", usage
-    _adopt(proc)
+    if not proc.is_alive():  # its exit status was taken by someone else
+        proc.close()
+        return None, f"{done} and reaped by someone else", None
+    adopt(proc)
     warnings.warn(
         f"process {proc.pid} is still alive {_KILL_WAIT:g} s after SIGKILL (stuck in "
         "the kernel, or stopped by a debugger); aioproc stopped waiting for it and "
@@ -294,9 +292,9 @@ async def _stop(
 
 def _stop_now(proc: AsyncProcess) -> None:
     """Stop the child without awaiting: SIGKILL, and reap it later if need be."""
-    if proc.exitcode is None:
+    if proc.is_alive():
         proc.kill()
-        _adopt(proc)  # reaped by the next run() or at exit
+        adopt(proc)  # reaped by the next run() or at exit
     else:
         proc.close()
 
@@ -414,21 +412,28 @@ async def run(
             "the child. Pass a plain function that runs its own event loop, e.g. "
             "functools.partial(anyio.run, func)"
         )
-    timeout = _check_timeout(timeout)
-    grace = _check_grace(grace)
+    timeout = check_timeout(timeout)
+    grace = check_grace(grace)
     new_process_group = check_flag("new_process_group", new_process_group)
-    ctx = _resolve_context(context) or multiprocessing.get_context()
+    ctx = resolve_context(context) or multiprocessing.get_context()
     if die_with_parent is None:
-        die_with_parent = PDEATHSIG_SUPPORTED and ctx.get_start_method() != "forkserver"
+        die_with_parent = PDEATHSIG_SUPPORTED and not lifeline_problem(ctx.get_start_method())
     elif not isinstance(die_with_parent, bool):
         raise TypeError(
             "die_with_parent must be True, False or None (on wherever it works), "
             f"not {type(die_with_parent).__name__} {die_with_parent!r}"
         )
-    die_with_parent = check_die_with_parent(die_with_parent)
-    _reap_stragglers()
+    die_with_parent = check_die_with_parent(die_with_parent, ctx.get_start_method())
+    reap_stragglers()
     await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: start nothing
-    proc, reader = await _start(func, args, ctx, new_process_group, die_with_parent)
+    proc, reader = await _start(
+        func,
+        args,
+        ctx,
+        new_process_group=new_process_group,
+        die_with_parent=die_with_parent,
+        grace=grace,
+    )
     pid = cast(int, proc.pid)
     inbox = _Inbox(reader)
     try:
@@ -450,46 +455,3 @@ async def run(
         return _result(func, proc, code, inbox)
     finally:
         proc.close()
-
-
-# -- children that survived SIGKILL -----------------------------------------------
-
-# pid -> process.  Not in multiprocessing's list of children, so that neither
-# its exit handler nor ours waits for them forever.
-_stragglers: dict[int, AsyncProcess] = {}
-_exit_handler_pid: int | None = None
-
-
-def _adopt(proc: AsyncProcess) -> None:
-    global _exit_handler_pid
-    mp_process._children.discard(proc)  # type: ignore[attr-defined]
-    _stragglers[cast(int, proc.pid)] = proc
-    if _exit_handler_pid != os.getpid():
-        mp_util.Finalize(None, _reap_stragglers_at_exit, exitpriority=0)
-        _exit_handler_pid = os.getpid()
-
-
-def _reap_stragglers() -> None:
-    """Reap the adopted children that have exited meanwhile."""
-    for pid, proc in list(_stragglers.items()):
-        if proc._parent_pid != os.getpid():  # inherited through fork: not our child
-            del _stragglers[pid]
-        elif proc.exitcode is not None:
-            del _stragglers[pid]
-            proc.close()
-
-
-def _reap_stragglers_at_exit() -> None:
-    deadline = time.monotonic() + _KILL_WAIT
-    _reap_stragglers()
-    while _stragglers and time.monotonic() < deadline:
-        time.sleep(0.01)
-        _reap_stragglers()
-    for pid in _stragglers:
-        warnings.warn(
-            f"process {pid} is still alive at interpreter exit, long after SIGKILL; "
-            "leaving it to the init process",
-            UnkillableProcessWarning,
-            stacklevel=1,
-        )
-    _stragglers.clear()

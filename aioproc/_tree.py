@@ -6,13 +6,14 @@ Process groups.  A child started with ``new_process_group=True`` calls
 runs, so every process it forks (and they fork) is in a group whose id is the
 child's pid; for the fork method the parent makes the same call right after the
 fork, so the group exists when ``start()`` returns.  A signal for the child then
-goes to the whole group.  A group id is only safe to signal while it cannot
-name a stranger's group, and the kernel gives two ways to be sure:
+goes to the whole group, sent by the child's handle (``_child``).  A group id
+is only safe to signal while it cannot name a stranger's group, and the kernel
+gives two ways to be sure:
 
 - ``pidfd_send_signal(pidfd, sig, PIDFD_SIGNAL_PROCESS_GROUP)`` (Linux >= 6.9)
   signals the group of the very ``struct pid`` the pidfd holds: never a reused
   number, even once the leader is reaped, and whoever reaped it (a forkserver
-  child is reaped by the fork server).  Used wherever the watch has a pidfd.
+  child is reaped by the fork server).  Used wherever the handle has a pidfd.
 - ``killpg(pid)`` while the leader is our unreaped child: until we collect its
   status, its pid (a zombie's included) is in use, and Linux hands out no pid
   number still in use as a pid, a group or a session id.  Used for fork and
@@ -39,40 +40,13 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import sys
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from multiprocessing.popen_fork import Popen
-
-#: Whether ``die_with_parent=True`` can work here: Linux's PR_SET_PDEATHSIG.
-PDEATHSIG_SUPPORTED = sys.platform.startswith("linux")
 
 _PR_SET_PDEATHSIG = 1
 #: pidfd_send_signal() flag (Linux >= 6.9): the group whose id is the pidfd's pid.
-_PIDFD_SIGNAL_PROCESS_GROUP = 4
+PIDFD_SIGNAL_PROCESS_GROUP = 4
 
 #: Tests set this to False to take the killpg path; None means "not probed yet".
 pidfd_group_signals: bool | None = None
-
-
-def check_flag(name: str, value: object) -> bool:
-    """*value* if it is a bool, else a TypeError naming the option."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, not {type(value).__name__} {value!r}")
-    return value
-
-
-def check_die_with_parent(value: object) -> bool:
-    """*value* as a bool; True where PR_SET_PDEATHSIG is missing is an error."""
-    wanted = check_flag("die_with_parent", value)
-    if wanted and not PDEATHSIG_SUPPORTED:
-        raise NotImplementedError(
-            "die_with_parent=True needs Linux (prctl PR_SET_PDEATHSIG), and this is "
-            f"{sys.platform}; pass die_with_parent=False, and have the child watch "
-            "multiprocessing.parent_process().sentinel instead"
-        )
-    return wanted
 
 
 # -- in the child ---------------------------------------------------------------
@@ -108,17 +82,6 @@ def expected_parent() -> int:
     return os.getpid()
 
 
-def check_lifeline_method(method: str) -> None:
-    """Refuse die_with_parent for a start method where it cannot hold."""
-    if method == "forkserver":
-        raise NotImplementedError(
-            "die_with_parent=True does not work with the forkserver start method: the "
-            "child's parent is the fork server, which outlives this process as long as "
-            "any of its children lives (each holds the pipe that keeps it alive); use "
-            "the fork or spawn start method"
-        )
-
-
 def set_group_from_parent(pid: int) -> None:
     """The parent's half of the classic double ``setpgid`` (fork children).
 
@@ -145,7 +108,7 @@ def pidfd_group_signals_work() -> bool:
             try:
                 # Signal 0 to the group whose id is our pid: there is none (we do
                 # not lead one), so a kernel that knows the flag says ESRCH.
-                signal.pidfd_send_signal(fd, 0, None, _PIDFD_SIGNAL_PROCESS_GROUP)
+                signal.pidfd_send_signal(fd, 0, None, PIDFD_SIGNAL_PROCESS_GROUP)
             except ProcessLookupError:
                 pidfd_group_signals = True
             except OSError:
@@ -155,27 +118,3 @@ def pidfd_group_signals_work() -> bool:
             finally:
                 os.close(fd)
     return pidfd_group_signals
-
-
-def signal_group(popen: Popen, pidfd: int | None, sig: int, *, parent: bool) -> bool:
-    """Send *sig* to the process group the child leads; False if that cannot be done.
-
-    False means: the group does not exist (yet, or any more), or it cannot be
-    named safely here; the caller then signals the child alone.  *parent* says
-    whether this process is the child's parent, the only one that knows the
-    child is unreaped.  See the module's docstring for why each path never
-    reaches a stranger's group.
-    """
-    if pidfd is not None and pidfd_group_signals_work():
-        try:
-            signal.pidfd_send_signal(pidfd, sig, None, _PIDFD_SIGNAL_PROCESS_GROUP)
-        except OSError:
-            return False
-        return True
-    if not parent or popen.method == "forkserver" or popen.returncode is not None:
-        return False
-    try:
-        os.killpg(popen.pid, sig)
-    except OSError:
-        return False
-    return True

@@ -442,15 +442,20 @@ def print_pid_then_sleep(tag: str, seconds: float) -> None:
 def reuse_and_drop_siblings(conn: Connection, siblings: list[Any]) -> None:
     """In a fork child: reuse the parent's closed descriptors, then drop the siblings.
 
-    The siblings are dropped as the garbage collector would, and one is
-    signalled.  Sends whether every descriptor opened here survived.
+    The siblings are dropped as the garbage collector would, and signalling
+    one is refused (only the parent knows its pid is still its).  Sends
+    whether every descriptor opened here survived.
     """
     opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(3 * len(siblings) + 8)]
     for p in siblings:
-        state = p._state
-        state.watch.close()  # what their __del__ would do
-        state.__del__()
-    siblings[0].terminate()  # by pid: the pidfd is closed here
+        child = p._child
+        child.watch.close()  # what their __del__ would do
+        child.__del__()
+    try:
+        siblings[0].terminate()
+    except RuntimeError as exc:
+        if "child of this process" not in str(exc):
+            raise
     alive = []
     for fd in opened:
         try:

@@ -16,12 +16,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import anyio
 import pytest
 
 from aioproc import AsyncProcess
+from aioproc._child import Child
 from aioproc._watchers import pidfd
 
 from . import targets
@@ -77,11 +77,11 @@ def late_pidfd_open(
     )
     sentinels: list[int] = []
     opened: list[int] = []
-    original_init = pidfd.PidfdWatch.__init__
+    original_open = Child._open_pidfd
 
-    def init(self: pidfd.PidfdWatch, popen: Any) -> None:
-        sentinels.append(popen.sentinel)
-        original_init(self, popen)
+    def open_pidfd(self: Child) -> None:
+        sentinels.append(self.popen.sentinel)
+        original_open(self)
 
     def pidfd_open_after_the_exit(pid: int, flags: int = 0) -> int:
         assert multiprocessing.connection.wait([sentinels.pop()], DEADLINE)
@@ -89,7 +89,7 @@ def late_pidfd_open(
         return after_exit(pid, flags)
 
     monkeypatch.setattr(os, "pidfd_open", pidfd_open_after_the_exit)
-    monkeypatch.setattr(pidfd.PidfdWatch, "__init__", init)
+    monkeypatch.setattr(Child, "_open_pidfd", open_pidfd)
     return opened
 
 

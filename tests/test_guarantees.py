@@ -127,9 +127,11 @@ async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> Non
 
 async def test_a_forked_child_does_not_use_its_siblings_closed_descriptors(watcher: str) -> None:
     """In a fork child, dropping an inherited sibling closes nothing of the child's
-    own (the numbers were closed and may be reused), and signalling it goes by pid."""
+    own (the numbers were closed and may be reused), and signalling it is refused."""
     async with sleeping_siblings() as siblings:
         assert await run_fork_child(targets.reuse_and_drop_siblings, siblings) is True
+        assert siblings[0].is_alive()  # the child's terminate() sent nothing
+        siblings[0].terminate()
         with anyio.fail_after(SLOW_DEADLINE):
             assert await siblings[0].join() == -signal.SIGTERM
 
@@ -138,14 +140,13 @@ def _descriptors_of(processes: list[AsyncProcess]) -> set[int]:
     """What the parent holds for these children: pipe ends, pidfds."""
     fds: set[int] = set()
     for p in processes:
-        state = p._state
-        assert state is not None
-        assert state.popen.finalizer is not None
-        fds.add(state.popen.sentinel)
-        fds.update(state.popen.finalizer._args)  # type: ignore[attr-defined]
-        wake_fd = state.watch.wake_fd() if state.watch is not None else None
-        if wake_fd is not None:
-            fds.add(wake_fd)
+        child = p._child
+        assert child is not None
+        assert child.popen.finalizer is not None
+        fds.add(child.popen.sentinel)
+        fds.update(child.popen.finalizer._args)  # type: ignore[attr-defined]
+        if child.pidfd >= 0:
+            fds.add(child.pidfd)
     return fds
 
 
@@ -237,6 +238,6 @@ def test_a_child_unpickling_its_process_does_not_import_the_loop_machinery() -> 
 def test_preloading_aioproc_spares_each_forkserver_child_its_imports() -> None:
     """``set_forkserver_preload(["aioproc"])`` loads what a child needs to unpickle its
     process object, and not the loop machinery; the children it forks import nothing."""
-    needed = {"aioproc._process", "aioproc._popen", "aioproc._usage", "aioproc._tree"}
+    needed = {"aioproc._process", "aioproc._checks", "aioproc._reset", "aioproc._tree"}
     assert modules_after("import aioproc", needed) == needed
     assert modules_after("import aioproc", (*LOOP_MACHINERY, "dataclasses")) == set()

@@ -157,7 +157,7 @@ def _keyword_argument() -> Any:
             "grace must be",
             id="infinite-grace",
         ),
-        pytest.param(_none_grace, TypeError, "^grace must be a number", id="none-grace"),
+        pytest.param(_none_grace, TypeError, "^grace must be a real number", id="none-grace"),
         pytest.param(
             lambda: aioproc.run(targets.noop, context="nope"),
             ValueError,

@@ -25,6 +25,7 @@ import pytest
 import uvloop
 
 import aioproc
+import aioproc._exit
 import aioproc._run
 from aioproc import (
     ProcessDied,
@@ -458,7 +459,7 @@ async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
             ]
             assert tracer.readline() == "holding\n"
             assert state_of(pid) == "t"  # stopped in its exit, not reaped
-            assert pid in aioproc._run._stragglers
+            assert pid in aioproc._exit._stragglers
             assert pid not in [p.pid for p in multiprocessing.active_children()]
             tracer.release()
             fd = os.pidfd_open(pid)
@@ -468,7 +469,7 @@ async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
                 os.close(fd)
             assert state_of(pid) == "Z"
             await aioproc.run(targets.noop)  # the next run reaps it
-        assert aioproc._run._stragglers == {}
+        assert aioproc._exit._stragglers == {}
         assert not pid_exists(pid)
     finally:
         for tracer in tracers:

@@ -96,9 +96,11 @@ async def test_start_with_descriptors_running_out(watcher: str, context: str) ->
 async def test_forkserver_start_with_descriptors_running_out(free: int) -> None:
     """As above, for the fork server: a request needs a socket and two pipes (5).
 
-    A request that fails after connecting kills the stdlib's fork server; the
-    next start() must still work (it waits for that server to go, and starts
-    a new one).
+    CPython's client (``forkserver.connect_to_new_process``) loses its first
+    pipe when the second ``os.pipe()`` fails; aioproc checks the five are free
+    first, so nothing is lost.  A request that fails after connecting kills the
+    stdlib's fork server; the next start() must still work (it waits for that
+    server to go, and starts a new one).
     """
     warm = AsyncProcess(target=targets.noop, context="forkserver")
     warm.start()  # the fork server and the resource tracker, while descriptors are plenty
@@ -126,7 +128,7 @@ async def test_forkserver_start_with_descriptors_running_out(free: int) -> None:
         p.close()
         assert open_fds() - fork_server_fd() == fds
     finally:
-        for fd in open_fds() - fork_server_fd() - fds:  # what the stdlib lost
+        for fd in open_fds() - fork_server_fd() - fds:  # anything lost: closed for the next tests
             os.close(fd)
 
 

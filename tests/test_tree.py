@@ -23,7 +23,8 @@ import anyio
 import pytest
 
 import aioproc
-from aioproc import AsyncProcess, _process, _tree
+from aioproc import AsyncProcess, _checks, _process, _tree
+from aioproc._watchers import pidfd
 
 from . import targets
 from .conftest import BACKENDS, FORK_THREAD_WARNING
@@ -41,7 +42,7 @@ from .helpers import (
 METHODS = ("fork", "forkserver", "spawn")
 ROOT = Path(__file__).resolve().parent.parent
 LINUX_ONLY = pytest.mark.skipif(
-    not _tree.PDEATHSIG_SUPPORTED, reason="PR_SET_PDEATHSIG is Linux only"
+    not _checks.PDEATHSIG_SUPPORTED, reason="PR_SET_PDEATHSIG is Linux only"
 )
 
 
@@ -139,7 +140,7 @@ async def test_run_options_must_be_bools(option: str) -> None:
 
 
 def test_die_with_parent_needs_linux(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_tree, "PDEATHSIG_SUPPORTED", False)
+    monkeypatch.setattr(_checks, "PDEATHSIG_SUPPORTED", False)
     with pytest.raises(NotImplementedError, match="die_with_parent=True needs Linux"):
         AsyncProcess(target=targets.noop, die_with_parent=True)
     assert not AsyncProcess(target=targets.noop, die_with_parent=False).die_with_parent
@@ -190,18 +191,29 @@ async def test_killpg_path_reaches_the_grandchildren(method: str) -> None:
 
 
 async def test_every_watcher_signals_the_group(watcher: str) -> None:
+    # The handle holds a pidfd whatever the watcher: a forkserver child's group too.
     with adopting_grandchildren():
         p, grandchild = await start_tree("forkserver" if watcher == "sentinel" else "fork")
         with killed_afterwards(grandchild):
             p.terminate()
             with anyio.fail_after(DEADLINE):
                 assert await p.join() == -signal.SIGTERM
-            if watcher == "sentinel":
-                # A forkserver child without a pidfd: the fork server reaps it, so
-                # its group id could name a stranger's group; it is signalled alone.
-                assert running(grandchild)
-            else:
-                assert exited_within(grandchild)
+            assert exited_within(grandchild)
+        p.close()
+
+
+async def test_a_forkserver_child_without_a_pidfd_is_signalled_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fork server reaps it, so its group id could name a stranger's group.
+    monkeypatch.setattr(pidfd, "supported", False)
+    with adopting_grandchildren():
+        p, grandchild = await start_tree("forkserver")
+        with killed_afterwards(grandchild):
+            p.terminate()
+            with anyio.fail_after(10):
+                assert await p.join() == -signal.SIGTERM
+            assert running(grandchild)
         p.close()
 
 

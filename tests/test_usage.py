@@ -10,7 +10,7 @@ import pytest
 
 import aioproc
 from aioproc import AsyncProcess, ProcessDied, ProcessTimeout, RemoteTraceback, ResourceUsage
-from aioproc._process import _join_children_at_exit
+from aioproc._exit import _at_exit as _join_children_at_exit
 
 from . import targets
 from .helpers import DEADLINE

@@ -7,7 +7,7 @@ Automatic choice, best first:
 2. ``sentinel`` for forkserver children: they are the fork server's children,
    so the exit code can only arrive on the sentinel pipe.
 3. ``sigchld`` for fork and spawn children, from the main thread, on a loop
-   that is not uvloop.
+   that is not uvloop, while SIGCHLD is not ignored.
 4. ``thread`` everywhere else.
 
 ``set_watcher(name)`` or ``AIOPROC_WATCHER=name`` forces one; a forced watcher
@@ -18,7 +18,7 @@ started, naming why.  Automatic choice never raises: it skips to the next.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, get_args
+from typing import get_args
 
 from .._exceptions import WatcherUnavailable
 from . import pidfd
@@ -27,9 +27,6 @@ from .pidfd import PidfdWatch
 from .sentinel import SentinelWatch
 from .sigchld import SigchldWatch
 from .thread import ThreadWatch
-
-if TYPE_CHECKING:
-    from multiprocessing.popen_fork import Popen
 
 WATCHERS: dict[str, type[Watch]] = {
     cls.name: cls for cls in (PidfdWatch, SigchldWatch, SentinelWatch, ThreadWatch)
@@ -41,15 +38,16 @@ _UNSET = object()
 _forced: object = _UNSET  # a name, None (automatic) or _UNSET (read the env)
 
 
-def _check_name(name: object, where: str) -> WatcherName | None:
+def _check_name(
+    name: object, where: str, automatic: str = "None for the automatic choice"
+) -> WatcherName | None:
     if name is None:
         return None
     if not isinstance(name, str):
         raise TypeError(f"{where} must be a watcher name (str) or None, not {type(name).__name__}")
     if name not in WATCHERS:
         raise ValueError(
-            f"{where} got unknown watcher {name!r}; use one of "
-            f"{', '.join(NAMES)}, or None for the automatic choice"
+            f"{where} got unknown watcher {name!r}; use one of {', '.join(NAMES)}, or {automatic}"
         )
     return name  # type: ignore[return-value]
 
@@ -73,7 +71,9 @@ def get_watcher() -> WatcherName | None:
     """The forced watcher name, or None when aioproc chooses automatically."""
     global _forced
     if _forced is _UNSET:
-        _forced = _check_name(os.environ.get(_ENV) or None, f"${_ENV}")
+        _forced = _check_name(
+            os.environ.get(_ENV) or None, f"${_ENV}", f"unset {_ENV} for the automatic choice"
+        )
     return _forced  # type: ignore[return-value]
 
 
@@ -96,7 +96,7 @@ def choose(place: Place) -> type[Watch]:
         return cls
     if pidfd.is_supported():
         return PidfdWatch
-    if place.start_method == "forkserver":
+    if not place.reaped_here:
         return SentinelWatch
     if SigchldWatch.unavailable(place) is None:
         return SigchldWatch
@@ -111,29 +111,13 @@ def why_unavailable(
     For the benchmarks and tests, which ask about a place other than the
     current one: an event loop that is uvloop or not, the main thread or not.
     """
+    from .._popen import POPEN_CLASSES  # noqa: PLC0415 - a cycle at import time
+
     cls = WATCHERS[_check_name(name, "why_unavailable()") or "pidfd"]
     if cls is PidfdWatch and not pidfd.is_supported():
         return _NO_PIDFD
-    return cls.unavailable(Place(start_method, main_thread=main_thread, uvloop=uvloop))
-
-
-def attach(cls: type[Watch], popen: Popen) -> Watch:
-    """Create the watch for a child that was just started.
-
-    Only the pidfd watch can fail here (``pidfd_open`` refused by a sandbox, or
-    out of descriptors).  Under automatic choice a refusal falls back to the
-    next watcher; anything else propagates for ``start()`` to clean up.
-    """
-    try:
-        return cls(popen)
-    except OSError as exc:
-        if cls is not PidfdWatch or get_watcher() is not None:
-            raise
-        if exc.errno not in pidfd._UNSUPPORTED_ERRNOS:
-            raise
-        pidfd.supported = False
-        place = Place.here(popen.method)
-        return choose(place)(popen)
+    place = Place(POPEN_CLASSES[start_method].reaped_here, main_thread=main_thread, uvloop=uvloop)
+    return cls.unavailable(place)
 
 
 def usable_at_join(watch: Watch) -> Watch:
@@ -146,12 +130,13 @@ def usable_at_join(watch: Watch) -> Watch:
     """
     if not isinstance(watch, SigchldWatch):
         return watch
-    reason = SigchldWatch.unavailable(Place.here(watch.popen.method))
+    reason = SigchldWatch.unavailable(Place.here(type(watch.popen)))
     if reason is None:
         return watch
     if get_watcher() is not None:
         raise WatcherUnavailable(f"the {watch.name} watcher cannot be used here: {reason}")
-    return ThreadWatch(watch.popen)
+    watch.close()
+    return ThreadWatch(watch.popen, watch.pidfd)
 
 
 __all__ = [
@@ -160,7 +145,6 @@ __all__ = [
     "Place",
     "Watch",
     "WatcherName",
-    "attach",
     "choose",
     "get_watcher",
     "set_watcher",

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+import anyio
+from anyio.lowlevel import EventLoopToken, current_token
+
 if TYPE_CHECKING:
-    from multiprocessing.popen_fork import Popen
+    from .._popen import AioprocPopen
 
 WatcherName = Literal["pidfd", "sigchld", "sentinel", "thread"]
 
@@ -19,15 +20,16 @@ WatcherName = Literal["pidfd", "sigchld", "sentinel", "thread"]
 class Place:
     """Where a child is being started or joined: what decides which watchers work."""
 
-    start_method: str
+    #: Whether the child's SIGCHLD reaches this process (not a forkserver child's).
+    reaped_here: bool
     main_thread: bool
     #: True under uvloop, False under another loop, None outside any event loop.
     uvloop: bool | None
 
     @classmethod
-    def here(cls, start_method: str) -> Place:
+    def here(cls, popen_class: type[AioprocPopen]) -> Place:
         return cls(
-            start_method=start_method,
+            reaped_here=popen_class.reaped_here,
             main_thread=threading.current_thread() is threading.main_thread(),
             uvloop=running_under_uvloop(),
         )
@@ -52,22 +54,24 @@ def running_under_uvloop() -> bool | None:
 class Watch:
     """How the parent learns that one child has exited.
 
-    A watch only says "exited"; it never decides the exit code.  The status is
-    consumed through the child's ``multiprocessing`` Popen, so that
-    ``is_alive()``, ``exitcode`` and ``multiprocessing.active_children()``
-    agree with ``join()``.  ``wait_exited`` is awaited by one task at a time
-    (the process serialises its joiners), may be cancelled and awaited again.
+    A watch only says "exited": ``wait_exited`` returns once the child's status
+    can be collected (or someone else collected it); the child's handle then
+    collects it through the Popen.  It is awaited by one task at a time (the
+    handle serialises its joiners), may be cancelled and awaited again, and
+    ``close()`` wakes a task still waiting (``anyio.notify_closing``) before it
+    lets go of what the watch holds.
     """
 
     name: ClassVar[WatcherName]
 
-    def __init__(self, popen: Popen) -> None:
+    def __init__(self, popen: AioprocPopen, pidfd: int) -> None:
         self.popen = popen
-        self._owner = os.getpid()
-
-    def owned_here(self) -> bool:
-        """False in a forked copy of the parent, where the watch's descriptors are closed."""
-        return self._owner == os.getpid()
+        #: The child's pidfd (owned by its handle), or -1.
+        self.pidfd = pidfd
+        #: The descriptor a task is waiting on right now, for close() to announce,
+        #: and the event loop it waits in.
+        self._parked = -1
+        self._parked_in: EventLoopToken | None = None
 
     @classmethod
     def unavailable(cls, place: Place) -> str | None:
@@ -78,21 +82,34 @@ class Watch:
         """Return once the child has exited (its status may still be uncollected)."""
         raise NotImplementedError
 
-    def wake_fd(self) -> int | None:
-        """The descriptor a waiter sleeps on that ``close()`` is about to close."""
-        return None
+    async def wait_readable(self, fd: int) -> None:
+        """``anyio.wait_readable(fd)``, announced by ``close()`` if it is closed meanwhile."""
+        self._parked, self._parked_in = fd, current_token()
+        try:
+            await anyio.wait_readable(fd)
+        finally:
+            self._parked = -1
 
-    def pidfd(self) -> int | None:
-        """A pidfd naming the child, if this watch holds one."""
-        return None
-
-    def send_signal(self, sig: signal.Signals) -> None:
-        """Send *sig* to the child unless it is already known to have exited."""
-        if self.popen.returncode is None:
-            try:
-                os.kill(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
+    def forget_loop(self, token: EventLoopToken) -> None:
+        """The event loop of *token* is gone: drop what the watch kept for it."""
+        if self._parked_in == token:
+            self._parked = -1
 
     def close(self) -> None:
-        """Release what the watch holds; called once no task waits on it."""
+        """Wake a task still waiting in this event loop, and release everything.
+
+        A task of a loop that was closed meanwhile will never run again: it is
+        forgotten.  (The child's handle refuses a close while a live loop of
+        another thread waits.)
+        """
+        if self._parked >= 0 and self._parked_in == token_here():
+            anyio.notify_closing(self._parked)
+        self._parked = -1
+
+
+def token_here() -> EventLoopToken | None:
+    """The running event loop's token, or None outside any loop."""
+    try:
+        return current_token()
+    except Exception:  # no event loop in this thread
+        return None

@@ -10,12 +10,15 @@ Its limit, which is the pipe's: any process holding the far end keeps it from
 becoming readable.  A fork- or spawn-started child that forks a grandchild which
 outlives it passes the far end on, and the join waits for the grandchild too.
 A forkserver child does not (the exit code is written by the fork server).
+The pipe also closes a moment before a fork or spawn child is a zombie (or
+when it execs): then the kernel is asked again, backing off, until it says so.
 """
 
 from __future__ import annotations
 
 import anyio
 
+from .._popen import Exit
 from ._base import Watch
 
 
@@ -23,7 +26,8 @@ class SentinelWatch(Watch):
     name = "sentinel"
 
     async def wait_exited(self) -> None:
-        await anyio.wait_readable(self.popen.sentinel)
-
-    def wake_fd(self) -> int | None:
-        return self.popen.sentinel
+        await self.wait_readable(self.popen.sentinel)
+        delay = 0.0001
+        while self.popen.exit_state() is Exit.RUNNING:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)

@@ -10,15 +10,30 @@ own children are collected through their Popen afterwards.  Signals coalesce
 (1000 children exiting in the same millisecond may raise a handful of
 SIGCHLDs); since every wake-up checks every watched child, none is missed.
 
-The handler is installed when the first child is watched and removed, with the
-previous handler put back, when no child is watched any more.  If no signal
-wake-up fd is set (asyncio without signal handlers; trio always has one), the
-hub's pipe becomes it, so a SIGCHLD delivered to another thread (the kernel
-prefers the thread that forked the child) still wakes the loop at once.
+Living next to other SIGCHLD handlers:
+
+- The handler is installed when the first child is watched and chains to the
+  one it replaced.  When no child is watched any more, that one is put back —
+  only if ours is still installed: a handler someone installed meanwhile stays.
+- Someone may replace ours while a join waits (asyncio's
+  ``loop.add_signal_handler(SIGCHLD, ...)`` does, and chains to nothing).  The
+  leader checks every ``_RECHECK`` seconds that ours is still installed and, if
+  not, installs it again on top, chaining to the newcomer, then looks at every
+  child: a wake-up missed meanwhile costs at most that long.  (asyncio still
+  runs its callback: its wake-up fd is written by the C-level handler,
+  whichever Python handler is installed.)
+- With SIGCHLD set to SIG_IGN the kernel reaps every child at once and sends
+  no signal; installing a handler would turn the program's other children into
+  zombies.  So the watcher is refused there (automatic choice moves on).
+
+If no signal wake-up fd is set (asyncio without signal handlers; trio always has
+one), the hub's pipe becomes it, so a SIGCHLD delivered to another thread (the
+kernel prefers the thread that forked the child) still wakes the loop at once.
 
 Where it cannot work: off the main thread (only it may install handlers), under
-uvloop (libuv owns SIGCHLD and rejects a second handler), and for forkserver
-children (they are the fork server's, so their SIGCHLD never reaches us).
+uvloop (libuv owns SIGCHLD and rejects a second handler), for forkserver
+children (they are the fork server's, so their SIGCHLD never reaches us), and
+where SIGCHLD is ignored.
 """
 
 from __future__ import annotations
@@ -31,7 +46,11 @@ from typing import Any
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
 
+from .._popen import Exit
 from ._base import Place, Watch
+
+#: Seconds between the leader's checks that our handler is still installed.
+_RECHECK = 0.25
 
 
 class _Hub:
@@ -48,6 +67,7 @@ class _Hub:
         self.asyncio = isinstance(token.native_token, asyncio.AbstractEventLoop)
         #: Signals seen by the handler; read by tests and the benchmark.
         self.wakeups = 0
+        self.closed = False
 
     def drain(self) -> None:
         try:
@@ -71,25 +91,41 @@ class _Hub:
                 return
 
     def close(self) -> None:
-        os.close(self.rfd)
-        os.close(self.wfd)
+        if not self.closed:
+            self.closed = True
+            os.close(self.rfd)
+            os.close(self.wfd)
 
 
 _hubs: dict[EventLoopToken, _Hub] = {}
+#: The handler ours replaced, chained to and put back.
 _previous_handler: Any = None
 _our_wakeup_fd = -1
+_in_handler = False
 
 
 def _on_sigchld(signum: int, frame: Any) -> None:
-    for hub in list(_hubs.values()):
-        hub.wakeups += 1
-        try:
-            os.write(hub.wfd, b"\0")
-        except OSError:
-            pass  # full pipe: a wake-up is pending anyway
-    previous = _previous_handler
-    if callable(previous):
-        previous(signum, frame)
+    global _in_handler
+    if _in_handler:  # a handler that chains back to us
+        return
+    _in_handler = True
+    try:
+        for hub in list(_hubs.values()):
+            hub.wakeups += 1
+            try:
+                os.write(hub.wfd, b"\0")
+            except OSError:
+                pass  # full pipe: a wake-up is pending anyway
+        previous = _previous_handler
+        if callable(previous):
+            previous(signum, frame)
+    finally:
+        _in_handler = False
+
+
+def ignored() -> bool:
+    """Whether the program set SIGCHLD to SIG_IGN (the kernel then reaps every child)."""
+    return signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN
 
 
 def _install() -> None:
@@ -97,12 +133,22 @@ def _install() -> None:
     _previous_handler = signal.signal(signal.SIGCHLD, _on_sigchld)
 
 
+def _still_installed() -> bool:
+    """Put our handler back on top if someone replaced it; False if they did."""
+    if signal.getsignal(signal.SIGCHLD) is _on_sigchld:
+        return True
+    if not ignored():
+        _install()
+    return False
+
+
 def _uninstall() -> None:
     global _previous_handler, _our_wakeup_fd
-    signal.signal(
-        signal.SIGCHLD,
-        _previous_handler if _previous_handler is not None else signal.SIG_DFL,
-    )
+    if signal.getsignal(signal.SIGCHLD) is _on_sigchld:
+        signal.signal(
+            signal.SIGCHLD,
+            _previous_handler if _previous_handler is not None else signal.SIG_DFL,
+        )
     _previous_handler = None
     if _our_wakeup_fd >= 0:
         current = signal.set_wakeup_fd(-1)
@@ -126,6 +172,8 @@ def _hub_for_this_loop() -> _Hub:
 
 def _drop_hub(hub: _Hub) -> None:
     global _our_wakeup_fd
+    if _hubs.get(hub.token) is not hub:
+        return  # dropped already
     del _hubs[hub.token]
     if hub.wfd == _our_wakeup_fd:
         signal.set_wakeup_fd(-1)
@@ -164,6 +212,7 @@ def _restore_wakeup_fd(fd: int) -> None:
 def _after_fork_in_child() -> None:
     # The hubs' pipes are shared with the parent: a child's SIGCHLD must not
     # land in them.  Forget them and put the old handler back.
+    global _previous_handler, _our_wakeup_fd
     if not _hubs:
         return
     for hub in _hubs.values():
@@ -172,7 +221,8 @@ def _after_fork_in_child() -> None:
     try:
         _uninstall()
     except ValueError:  # pragma: no cover - fork from a non-main thread
-        pass
+        _previous_handler = None
+        _our_wakeup_fd = -1
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -190,12 +240,13 @@ def watched_signal_count() -> int:
 class SigchldWatch(Watch):
     name = "sigchld"
     wake: anyio.Event | None = None
+    _hub: _Hub | None = None
 
     @classmethod
     def unavailable(cls, place: Place) -> str | None:
         if not hasattr(signal, "SIGCHLD"):  # pragma: no cover - Windows
             return "this platform has no SIGCHLD"
-        if place.start_method == "forkserver":
+        if not place.reaped_here:
             return (
                 "a forkserver child belongs to the fork server, so its SIGCHLD "
                 "never reaches this process; use the pidfd or sentinel watcher"
@@ -210,28 +261,33 @@ class SigchldWatch(Watch):
                 "uvloop's libuv owns SIGCHLD and refuses a second handler; use "
                 "the pidfd or thread watcher under uvloop"
             )
+        if ignored():
+            return (
+                "SIGCHLD is set to SIG_IGN: the kernel reaps every child at once and "
+                "sends no signal, and a handler would make the program's other "
+                "children zombies; use the pidfd or thread watcher"
+            )
         return None
 
     def running(self) -> bool:
         """Whether the child has not exited yet (asks the kernel, reaps nothing)."""
-        if self.popen.returncode is not None:
-            return False
-        try:
-            info = os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return False  # already collected; Popen will say what happened
-        return info is None
+        return self.popen.exit_state() is Exit.RUNNING
 
     async def wait_exited(self) -> None:
-        hub = _hub_for_this_loop()
+        hub = self._hub = _hub_for_this_loop()
         hub.watches.add(self)
         try:
             while self.running():
                 if hub.leader is None:
                     hub.leader = self
                     try:
-                        await anyio.wait_readable(hub.rfd)
+                        with anyio.move_on_after(_RECHECK):
+                            await self.wait_readable(hub.rfd)
                         hub.drain()
+                        if not _still_installed():
+                            for watch in hub.watches:
+                                if watch.wake is not None:
+                                    watch.wake.set()
                         hub.wake_exited()
                     finally:
                         hub.leader = None
@@ -243,10 +299,26 @@ class SigchldWatch(Watch):
                     finally:
                         self.wake = None
         finally:
-            hub.watches.discard(self)
-            if not hub.watches:
-                _drop_hub(hub)
-            elif hub.leader is None:
-                # The lead may have been handed to this task just as its child
-                # exited (or it was cancelled): pass it on, or nobody reads the pipe.
-                hub.hand_over()
+            self._leave(hub)
+
+    def _leave(self, hub: _Hub) -> None:
+        self._hub = None
+        hub.watches.discard(self)
+        if not hub.watches:
+            _drop_hub(hub)
+        elif hub.leader is None:
+            # The lead may have been handed to this task just as its child
+            # exited (or it was cancelled): pass it on, or nobody reads the pipe.
+            hub.hand_over()
+
+    def forget_loop(self, token: EventLoopToken) -> None:
+        super().forget_loop(token)
+        hub = self._hub
+        if hub is not None and hub.token == token:
+            self._leave(hub)
+
+    def close(self) -> None:
+        super().close()
+        hub = self._hub
+        if hub is not None:
+            self._leave(hub)

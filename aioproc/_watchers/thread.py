@@ -4,33 +4,23 @@ The last resort, and the baseline the benchmarks compare against.  One thread
 per child at most, however many tasks join it and however often they are
 cancelled: the thread is started by the first join and ends when the child
 does; later joins wait on the same pipe it writes to when it is done.  The
-thread only waits (``waitid`` with ``WNOWAIT``, or the forkserver sentinel); the
-status is collected in the event loop, like every other watcher's.
+thread only waits (the start method's blocking wait, which collects nothing);
+the status is collected in the event loop, like every other watcher's.
 """
 
 from __future__ import annotations
 
-import multiprocessing.connection
 import os
 import threading
-from typing import TYPE_CHECKING
-
-import anyio
 
 from .. import _fds
 from ._base import Watch
 
-if TYPE_CHECKING:
-    from multiprocessing.popen_fork import Popen
-
 
 class ThreadWatch(Watch):
     name = "thread"
-
-    def __init__(self, popen: Popen) -> None:
-        super().__init__(popen)
-        self._thread: threading.Thread | None = None
-        self._rfd = self._wfd = -1
+    _thread: threading.Thread | None = None
+    _rfd = _wfd = -1
 
     async def wait_exited(self) -> None:
         if self._thread is None:
@@ -51,25 +41,17 @@ class ThreadWatch(Watch):
                     "wait for threads or processes to exit, or use another watcher"
                 ) from exc
             self._thread = thread
-        await anyio.wait_readable(self._rfd)
+        await self.wait_readable(self._rfd)
 
     def _wait_blocking(self) -> None:
-        # Wait without collecting the status: the loop does that, through Popen.
         try:
-            if self.popen.method == "forkserver":
-                multiprocessing.connection.wait([self.popen.sentinel])
-            else:
-                os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOWAIT)
-        except ChildProcessError:
-            pass  # already collected by a poll in another thread
+            self.popen.wait_exited_blocking(pidfd=self.pidfd)
         finally:
             os.write(self._wfd, b"\0")
 
-    def wake_fd(self) -> int | None:
-        return self._rfd if self._rfd >= 0 else None
-
     def close(self) -> None:
-        if not self.owned_here():  # a forked copy: no thread, descriptors closed
+        super().close()
+        if not self.popen.owned_here():  # a forked copy: no thread, descriptors closed
             self._rfd = self._wfd = -1
             return
         if self._thread is not None:

@@ -13,10 +13,11 @@ import sys
 import anyio
 
 import aioproc
+import aioproc._exit
 import aioproc._run
 from tests import targets
 
-aioproc._run._KILL_WAIT = 0.3
+aioproc._run._KILL_WAIT = aioproc._exit.KILL_WAIT = 0.3
 
 
 async def main() -> None:

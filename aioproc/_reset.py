@@ -1,12 +1,15 @@
-"""Giving a child a fresh start: no event loop state inherited from the parent.
+"""Giving a child a fresh start: nothing of the parent's loop or signal handling.
 
 A child forked from inside a running loop is a copy of a thread that was in the
 middle of that loop.  Unless reset, it would believe the loop is still running
-(``asyncio.run`` and ``anyio.run`` refuse to start), it would share the
-parent's wake-up fd, and the loop's signal handlers would swallow SIGINT and
-SIGTERM instead of behaving as in a fresh interpreter.  This runs first thing in
-every AsyncProcess child (a spawn or forkserver child has nothing to reset, so
-it costs nothing there).
+(``asyncio.run`` and ``anyio.run`` refuse to start) and it would share the
+parent's wake-up fd.  And every Python signal handler of the parent would run in
+the child: a web server's SIGTERM handler would make ``terminate()`` a no-op,
+a loop's SIGINT handler would swallow Ctrl-C.  A fresh interpreter (what exec
+gives a spawn child) has none of them: each handler goes back to its default
+(SIGINT to ``KeyboardInterrupt``), while a signal the parent ignores stays
+ignored, as exec keeps it.  This runs first thing in every AsyncProcess child
+(a spawn or forkserver child has nothing to reset, so it costs nothing there).
 """
 
 from __future__ import annotations
@@ -25,18 +28,11 @@ try:
 except ImportError:  # pragma: no cover - not CPython
     _signal = signal
 
-# Modules whose signal handlers belong to an event loop, not to the program.
-_LOOP_MODULES = ("asyncio", "trio", "uvloop", "anyio", "aioproc")
-
-
-def _belongs_to_a_loop(handler: object) -> bool:
-    target = getattr(handler, "func", handler)  # functools.partial
-    module = getattr(target, "__module__", None) or ""
-    return module.split(".", 1)[0] in _LOOP_MODULES
+_KEPT = (_signal.SIG_DFL, _signal.SIG_IGN, _signal.default_int_handler, None)
 
 
 def reset_loop_state() -> None:
-    """Forget every event loop the parent was running in this thread."""
+    """Forget every event loop the parent was running, and its signal handlers."""
     asyncio = sys.modules.get("asyncio")
     if asyncio is not None:
         events = asyncio.events
@@ -69,7 +65,7 @@ def reset_loop_state() -> None:
             handler = _signal.getsignal(signum)
         except (OSError, ValueError):  # pragma: no cover
             continue
-        if handler is signal.default_int_handler or not _belongs_to_a_loop(handler):
+        if handler in _KEPT:
             continue
         default = _signal.default_int_handler if signum == _signal.SIGINT else _signal.SIG_DFL
         _signal.signal(signum, default)

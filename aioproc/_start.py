@@ -1,0 +1,167 @@
+"""Starting a child: ``start()`` and ``start_async()`` share every step here.
+
+1. The start method's Popen creates the child (``_popen``); for
+   ``start_async()`` spawn and forkserver stop once the child exists and send
+   its data as the pipe drains (forkserver also awaits the server's reply with
+   the pid), so that every wait happens in the event loop.  What stays in the
+   loop's thread is the start method's own system calls: the fork, the vfork +
+   exec, a connect and a ``sendmsg()`` to the fork server.
+2. A request that finds the fork server dying (it dies when a request fails
+   half-way, or when it cannot fork) is made once more, to a new server.
+3. An ``OSError`` that says a resource ran out is raised again with what ran out
+   and what to do (``start_error``); nothing is left open or running, and the
+   process may be started again.
+
+The child's handle (``_child.Child``) is made by the caller from the Popen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from multiprocessing import forkserver
+from typing import TYPE_CHECKING
+
+from ._popen import POPEN_CLASSES, AioprocPopen, ForkServerPopen
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+Around = Callable[[], AbstractContextManager[object]]
+
+
+def launch(process_obj: BaseProcess, method: str) -> AioprocPopen:
+    """Start *process_obj*'s child with *method*, blocking; return its Popen."""
+    cls = POPEN_CLASSES[method]
+    with explained():
+        try:
+            return cls(process_obj)
+        except (ConnectionError, EOFError):
+            if cls is not ForkServerPopen:
+                raise
+        _wait_until_fork_server_exited()
+        try:
+            return cls(process_obj)
+        except EOFError as exc:
+            _wait_until_fork_server_exited()
+            raise fork_server_died() from exc
+
+
+async def launch_async(process_obj: BaseProcess, method: str, around: Around) -> AioprocPopen:
+    """Start *process_obj*'s child as ``launch()`` does, waiting only in the event loop.
+
+    *around* is entered around the part that creates the child (the fork, the
+    vfork + exec, the request to the fork server), never across an await.
+    Fails, and is cancelled, leaving nothing open or running.
+    """
+    cls = POPEN_CLASSES[method]
+    with explained():
+        try:
+            return await _once(cls, process_obj, around)
+        except (ConnectionError, EOFError):
+            if cls is not ForkServerPopen:
+                raise
+        await _until_fork_server_exited()
+        try:
+            return await _once(cls, process_obj, around)
+        except EOFError as exc:
+            await _until_fork_server_exited()
+            raise fork_server_died() from exc
+
+
+async def _once(cls: type[AioprocPopen], process_obj: BaseProcess, around: Around) -> AioprocPopen:
+    with around():
+        popen = cls(process_obj, deferred=True)
+    await popen.finish_async()
+    return popen
+
+
+def fork_server_died() -> RuntimeError:
+    return RuntimeError(
+        "the fork server closed the connection before reporting the new child "
+        "(it died, or could not fork: see its error output); nothing was started, "
+        "and start() may be called again, which starts a new fork server"
+    )
+
+
+# The dying fork server closes its socket and our pipe a moment before it is a
+# zombie, and forkserver.ensure_running() starts a new one only once the old
+# one is a zombie: without this wait a start right after could find it again.
+_SERVER_EXIT_WAIT = 5.0
+
+
+def _wait_until_fork_server_exited() -> None:
+    deadline = time.monotonic() + _SERVER_EXIT_WAIT
+    while not fork_server_exited() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+async def _until_fork_server_exited() -> None:
+    import anyio  # noqa: PLC0415 - the parent's event-loop side
+
+    with anyio.move_on_after(_SERVER_EXIT_WAIT):
+        while not fork_server_exited():  # noqa: ASYNC110 - no event to wait for: a zombie
+            await anyio.sleep(0.001)
+
+
+def fork_server_exited() -> bool:
+    """Whether the fork server we know of (if any) has exited; it is not reaped."""
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if not pid:
+        return True
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+_WHAT_RAN_OUT = {
+    errno.EAGAIN: (
+        "fork failed: too many processes (EAGAIN); raise RLIMIT_NPROC or wait for children to exit"
+    ),
+    errno.ENOMEM: (
+        "fork failed: not enough memory (ENOMEM); free memory or start fewer processes at once"
+    ),
+    errno.EMFILE: (
+        "could not open the new child's pipes: too many open files (EMFILE); close "
+        "file descriptors or raise RLIMIT_NOFILE"
+    ),
+    errno.ENFILE: (
+        "could not open the new child's pipes: the system's file table is full "
+        "(ENFILE); close file descriptors"
+    ),
+}
+
+
+def start_error(exc: OSError, what: str = "start()") -> OSError:
+    """The error a start raises for *exc*: what ran out, and what to do.
+
+    Errors it has nothing to add to are returned unchanged.  The new error has
+    the same errno, hence the same class (``BlockingIOError`` for EAGAIN).
+    """
+    why = _WHAT_RAN_OUT.get(exc.errno or 0)
+    if why is None:
+        return exc
+    return OSError(exc.errno, f"{why}; nothing was started and {what} may be called again")
+
+
+@contextlib.contextmanager
+def explained(what: str = "start()") -> Iterator[None]:
+    """Raise an ``OSError`` from the block again as ``start_error`` explains it."""
+    try:
+        yield
+    except OSError as exc:
+        error = start_error(exc, what)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def strerror(exc: OSError) -> str:
+    """'too many open files (EMFILE)': the error, and the name to look it up by."""
+    name = errno.errorcode.get(exc.errno or 0, "unknown error")
+    return f"{(exc.strerror or name).lower()} ({name})"
