@@ -26,7 +26,7 @@ import time
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 LOCK = "/tmp/aioproc-tests-ns_last_pid.lock"
-TRIES = 5
+TRIES = 20
 
 
 def place(pid: int, strangers: list[int]) -> int:
