@@ -306,7 +306,6 @@ async def test_sigchld_many_children_few_signals() -> None:
 @FORK_THREAD_WARNING
 async def test_thread_watcher_uses_one_thread_per_child_however_often_cancelled() -> None:
     aioproc.set_watcher("thread")
-    before = threading.active_count()
     p = AsyncProcess(target=targets.sleep, args=(30,))
     p.start()
     for _ in range(5):
@@ -321,7 +320,9 @@ async def test_thread_watcher_uses_one_thread_per_child_however_often_cancelled(
     with anyio.fail_after(DEADLINE):
         assert await p.join() == -signal.SIGKILL
     assert not waiting[0].is_alive()
-    assert threading.active_count() <= before
+    # Counted by name: trio's guest mode (the anyio plugin's) runs an I/O thread of
+    # its own while the loop waits, which comes and goes.
+    assert [t.name for t in threading.enumerate() if t.name.startswith("aioproc")] == []
 
 
 # -- sentinel: its limit ------------------------------------------------------
