@@ -1,4 +1,4 @@
-"""Faults: children that die badly, and starts and joins that run out of resources.
+"""Faults: children that die badly, and starts and joins that cannot fork (RLIMIT_NPROC).
 
 Each fault ends with a clear answer (an exit code, or an exception that says
 what ran out and what to do), no descriptor or child left behind, and a
@@ -6,7 +6,8 @@ process object that can still be used: joined again, or started again.
 
 Covered elsewhere: a child's segfault, SIGKILL of itself and uncaught exception
 (test_process.py ``test_exit_codes``), a child that forks a grandchild and exits
-(``test_joined_as_soon_as_child_exits_despite_grandchild``).
+(``test_joined_as_soon_as_child_exits_despite_grandchild``); running out of
+descriptors and a fork server that dies (test_running_out.py).
 """
 
 from __future__ import annotations
