@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from multiprocessing import forkserver, resource_tracker
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+#: Seconds after which a wait that should end promptly is a hang (a guard, not a timing).
+DEADLINE = 30
 
 
 def children_of_this_process() -> set[int]:
@@ -92,29 +101,6 @@ def killed_afterwards(pid: int) -> Iterator[None]:
 # for as long as the tracer wants, which is what a process stuck in the kernel
 # looks like to its parent.  Stops before that (SIGTERM) are passed on.  It
 # lets go when its stdin closes.
-TRACER = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-PTRACE_CONT, PTRACE_DETACH, PTRACE_SEIZE = 7, 17, 0x4206
-PTRACE_O_TRACEEXIT, PTRACE_EVENT_EXIT, WALL = 0x40, 6, 0x40000000
-pid = int(sys.argv[1])
-if libc.ptrace(PTRACE_SEIZE, pid, None, ctypes.c_void_p(PTRACE_O_TRACEEXIT)) != 0:
-    print("error", os.strerror(ctypes.get_errno()), flush=True)
-    sys.exit(1)
-print("seized", flush=True)
-while True:
-    _, status = os.waitpid(pid, WALL)
-    if not os.WIFSTOPPED(status):
-        print("gone", flush=True)
-        break
-    if status >> 16 == PTRACE_EVENT_EXIT:
-        print("holding", flush=True)
-        sys.stdin.read()
-        libc.ptrace(PTRACE_DETACH, pid, None, None)
-        break
-    libc.ptrace(PTRACE_CONT, pid, None, ctypes.c_void_p(os.WSTOPSIG(status)))
-"""
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -195,3 +181,219 @@ def only_free_fds(free: int) -> Iterator[list[int]]:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# -- strangers at freed pids ---------------------------------------------------------
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
+
+
+def why_pids_cannot_be_chosen() -> str | None:
+    """Why this test run cannot choose the next pid (None: it can)."""
+    if not os.path.exists(NS_LAST_PID):
+        return f"{NS_LAST_PID} is missing (not Linux, or a kernel without it)"
+    if not os.access(NS_LAST_PID, os.W_OK):
+        return f"{NS_LAST_PID} is not writable here (it needs root in this pid namespace)"
+    return None
+
+
+def signals_pending(pid: int) -> set[signal.Signals]:
+    """Signals sent to *pid* and not yet delivered (it blocks them), from /proc."""
+    mask = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("SigPnd", "ShdPnd"):
+                mask |= int(value, 16)
+    return {signal.Signals(n) for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+class Stranger:
+    """A process of the test's own that holds a pid freed behind aioproc's back.
+
+    Not a child of the test; it leads its own process group; it blocks every
+    signal, so whatever reaches it shows as pending (see ``scripts/stranger_maker.py``).
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def touched(self) -> str | None:
+        """What reached this process, if anything (None: untouched and alive)."""
+        state = state_of(self.pid)
+        if state in (None, "Z", "X"):
+            return f"the stranger at pid {self.pid} was killed (state {state})"
+        pending = signals_pending(self.pid)
+        if pending:
+            names = ", ".join(sorted(s.name for s in pending))
+            return f"the stranger at pid {self.pid} was sent {names}"
+        return None
+
+
+class StrangerMaker:
+    """A helper process that forks a ``Stranger`` at a freed pid on request."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self._proc = subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "stranger_maker.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline().strip()
+        if line != "ready":
+            self.close()
+            raise RuntimeError(f"the stranger maker did not start: {line!r}")
+
+    def place(self, pid: int) -> Stranger | None:
+        """A stranger at *pid*, which must be free; None if another process took it."""
+        stdin, stdout = self._proc.stdin, self._proc.stdout
+        assert stdin is not None
+        assert stdout is not None
+        stdin.write(f"place {pid}\n")
+        stdin.flush()
+        answer, _ = stdout.readline().split()
+        return Stranger(pid) if answer == "placed" else None
+
+    def close(self) -> None:
+        """Kill every stranger, and end and reap the helper."""
+        stdin, stdout = self._proc.stdin, self._proc.stdout
+        assert stdin is not None
+        assert stdout is not None
+        stdin.close()
+        try:
+            self._proc.wait(60)
+        except Exception:
+            self._proc.kill()
+            self._proc.wait()
+        stdout.close()
+
+
+def wait_until_gone(pid: int, deadline: float = DEADLINE) -> None:
+    """Block until *pid* names no process (it was reaped); a hang guard only."""
+    import time
+
+    end = time.monotonic() + deadline
+    while pid_exists(pid):
+        if time.monotonic() > end:
+            raise TimeoutError(f"pid {pid} still exists after {deadline} s")
+        time.sleep(0.0005)
+
+
+# -- handshakes --------------------------------------------------------------------
+
+
+async def handshake(conn: Connection, deadline: float = DEADLINE) -> Any:
+    """The next message from a child (its "ready", its pid), awaited without blocking the loop."""
+    import anyio
+
+    with anyio.fail_after(deadline):
+        await anyio.wait_readable(conn.fileno())
+    return conn.recv()
+
+
+class Fifos:
+    """Two named pipes for a child that cannot be handed a Connection (``aioproc.run``).
+
+    The child writes a line into ``ready_path`` and waits for one on ``go_path``
+    (see ``targets.report_pid_then_return``).  Both ends are opened here first,
+    so that the child's opens never block.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.ready_path = str(directory / "ready")
+        self.go_path = str(directory / "go")
+        os.mkfifo(self.ready_path)
+        os.mkfifo(self.go_path)
+        self._ready = os.open(self.ready_path, os.O_RDONLY | os.O_NONBLOCK)
+        self._go = os.open(self.go_path, os.O_RDWR)
+        self._buffer = b""
+
+    async def ready(self, deadline: float = DEADLINE) -> str:
+        """The child's line (without the newline)."""
+        import anyio
+
+        with anyio.fail_after(deadline):
+            while b"\n" not in self._buffer:
+                await anyio.wait_readable(self._ready)
+                try:
+                    data = os.read(self._ready, 4096)
+                except BlockingIOError:
+                    continue
+                if not data:  # no writer (yet, or any more): poll says readable
+                    await anyio.sleep(0.01)
+                self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+    def go(self) -> None:
+        os.write(self._go, b"go\n")
+
+    def close(self) -> None:
+        os.close(self._ready)
+        os.close(self._go)
+
+
+# -- a child's status taken behind aioproc's back ----------------------------------
+
+
+@contextlib.contextmanager
+def sigchld_ignored(on: bool) -> Iterator[None]:
+    """SIGCHLD set to SIG_IGN inside the block (if *on*): the kernel reaps our children."""
+    if not on:
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def free_the_pid(pid: int, freed_by: str) -> None:
+    """Block until the exited child's pid is free, taken as *freed_by* says."""
+    if freed_by == "waitpid-any":
+        assert os.waitpid(-1, 0)[0] == pid  # the only child that exits meanwhile
+    elif freed_by == "waitpid":
+        assert os.waitpid(pid, 0)[0] == pid
+    else:  # the kernel (SIG_IGN) or the fork server reaps it
+        wait_until_gone(pid)
+
+
+# -- a child that survives SIGKILL ------------------------------------------------
+
+
+class Tracer:
+    """Holds a process in its exit stop: SIGKILL cannot finish it until released."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "tracer.py"), str(pid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        first = self.readline()
+        if first.startswith("error"):
+            self.proc.wait()
+            import pytest
+
+            pytest.skip(f"ptrace is not permitted here ({first.strip()})")
+        assert first == "seized\n"
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], DEADLINE)
+        assert ready, "the tracer did not answer"
+        return self.proc.stdout.readline()
+
+    def release(self) -> None:
+        self.proc.communicate(timeout=DEADLINE)  # closes its stdin: it lets go and exits

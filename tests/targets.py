@@ -466,3 +466,26 @@ def reuse_and_drop_siblings(conn: Connection, siblings: list[Any]) -> None:
             alive.append(True)
     conn.send(all(alive))
     conn.close()
+
+
+def ready_then_exit(conn: Connection, code: int) -> None:
+    """Report ready, wait for the word, then exit with *code*."""
+    conn.send("ready")
+    conn.recv()
+    os._exit(code)
+
+
+def report_pid_then_return(ready_path: str, go_path: str, value: object) -> object:
+    """Write our pid into the fifo *ready_path*, wait for a line on *go_path*, return *value*."""
+    with open(ready_path, "w") as ready:
+        ready.write(f"{os.getpid()}\n")
+    with open(go_path) as go:
+        go.readline()
+    return value
+
+
+def send_dispositions(conn: Connection, signums: list[int]) -> None:
+    """Send what each signal's disposition is here: 'default', 'ignore' or 'handler'."""
+    names = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignore"}
+    conn.send({n: names.get(signal.getsignal(n), "handler") for n in signums})  # type: ignore[call-overload]
+    conn.close()

@@ -25,27 +25,20 @@ from aioproc._child import Child
 from aioproc._watchers import pidfd
 
 from . import targets
-from .helpers import open_fds
+from .helpers import DEADLINE, SCRIPTS, open_fds
 
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.skipif(not pidfd.is_supported(), reason="needs pidfd_open (Linux >= 5.3)"),
 ]
-DEADLINE = 20
-
-
-STRANGER = """
-import signal, sys, time
-signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # a SIGTERM stays pending
-print("ready", flush=True)
-time.sleep(60)
-"""
 
 
 @pytest.fixture
 def stranger() -> Iterator[subprocess.Popen[bytes]]:
     """A process that is none of aioproc's business; it keeps any SIGTERM pending."""
-    proc = subprocess.Popen([sys.executable, "-c", STRANGER], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "blocked_sigterm.py")], stdout=subprocess.PIPE
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
     yield proc

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -22,62 +21,9 @@ import pytest
 from aioproc import AsyncProcess
 
 from . import targets
-from .helpers import children_of_this_process, open_fds
+from .helpers import DEADLINE, SCRIPTS, children_of_this_process, open_fds
 
-DEADLINE = 60
-
-
-NO_THREAD_SCRIPT = """
-import json, os, sys, threading, warnings
-import anyio
-from aioproc import AsyncProcess
-
-N = 1000
-
-def wait_for_eof(read_fd, write_fd):
-    # Let go of the barrier's write end, then wait for the parent's release.
-    os.close(write_fd)
-    os.read(read_fd, 1)
-
-async def main():
-    report = {"threads_before": threading.active_count()}
-    r, w = os.pipe()
-    procs = [AsyncProcess(target=wait_for_eof, args=(r, w)) for _ in range(N)]
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        os.close(w)  # release them all at once (an exit storm)
-        os.close(r)
-    codes = [None] * N
-
-    async def join(i):
-        codes[i] = await procs[i].join()
-
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            for i in range(N):
-                tg.start_soon(join, i)
-            await anyio.lowlevel.checkpoint()
-            report["threads_while_joining"] = threading.active_count()
-    report["watchers"] = sorted({p.watcher for p in procs})
-    report["codes_all_zero"] = codes == [0] * N
-    for p in procs:
-        p.close()
-    return report
-
-if __name__ == "__main__":
-    backend, options = sys.argv[1], {}
-    if backend == "uvloop":
-        import uvloop
-        backend, options = "asyncio", {"loop_factory": uvloop.new_event_loop}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = anyio.run(main, backend=backend, backend_options=options)
-    report["threads_after"] = threading.active_count()
-    report["fork_warnings"] = [str(w.message) for w in caught if "fork" in str(w.message)]
-    print(json.dumps(report))
-"""
+SLOW_DEADLINE = 2 * DEADLINE  # many children at once; longer is a hang
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
@@ -88,8 +34,7 @@ def test_no_thread_and_no_fork_warning_with_1000_children(backend: str, tmp_path
     trio in guest mode, whose I/O thread would make the count meaningless, and
     earlier tests leave cached worker threads (trio's, anyio's) behind.
     """
-    script = tmp_path / "no_thread.py"
-    script.write_text(NO_THREAD_SCRIPT)
+    script = SCRIPTS / "no_thread.py"
     out = subprocess.run(
         [sys.executable, str(script), backend],
         capture_output=True,
@@ -114,7 +59,7 @@ async def test_no_fd_leaked_across_200_processes(watcher: str) -> None:
         batch = [AsyncProcess(target=targets.noop) for _ in range(50)]
         for p in batch:
             p.start()
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             for p in batch[::2]:
                 assert await p.join() == 0
                 p.close()  # explicitly released
@@ -136,14 +81,16 @@ async def sleeping_siblings() -> AsyncIterator[list[AsyncProcess]]:
     try:
         for p in siblings:
             p.start()
-        with anyio.move_on_after(0.01):  # the thread watcher opens its pipe on a join
-            await siblings[0].join()
+        async with anyio.create_task_group() as tg:  # the thread watcher opens its pipe on a join
+            tg.start_soon(siblings[0].join)
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
         yield siblings
     finally:
         for p in siblings:
             if p.pid is not None:
                 p.kill()
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             for p in siblings:
                 if p.pid is not None:
                     await p.join()
@@ -156,7 +103,7 @@ async def run_fork_child(target: Callable[..., None], *args: object) -> object:
         child = AsyncProcess(target=target, args=(child_end, *args), context="fork")
         child.start()
         child_end.close()
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             await anyio.wait_readable(parent_end.fileno())
             sent: object = parent_end.recv()
             assert await child.join() == 0
@@ -184,7 +131,7 @@ async def test_a_forked_child_does_not_use_its_siblings_closed_descriptors(watch
         assert await run_fork_child(targets.reuse_and_drop_siblings, siblings) is True
         assert siblings[0].is_alive()  # the child's terminate() sent nothing
         siblings[0].terminate()
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             assert await siblings[0].join() == -signal.SIGTERM
 
 
@@ -204,23 +151,12 @@ def _descriptors_of(processes: list[AsyncProcess]) -> set[int]:
 
 def test_no_zombie_afterwards() -> None:
     """In a fresh interpreter: after the joins, the kernel has no child of ours left."""
-    script = textwrap.dedent(
-        """
-        import os, anyio
-        from aioproc import AsyncProcess
-        def noop(): pass
-        async def main():
-            procs = [AsyncProcess(target=noop) for _ in range(20)]
-            for p in procs: p.start()
-            for p in procs: assert await p.join() == 0
-            try:
-                os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                print("ECHILD")
-        anyio.run(main)
-        """
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / "no_zombie.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ECHILD"
 
@@ -232,70 +168,22 @@ async def test_foreign_children_keep_their_exit_status(watcher: str) -> None:
         os._exit(5)
     plain = multiprocessing.Process(target=targets.exit_with, args=(6,))
     plain.start()
-    with anyio.fail_after(DEADLINE):
+    with anyio.fail_after(SLOW_DEADLINE):
         sub = await anyio.open_process([sys.executable, "-c", "raise SystemExit(4)"])
     try:
         ours = [AsyncProcess(target=targets.sleep, args=(0.05 * i,)) for i in range(10)]
         for p in ours:
             p.start()
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             assert [await p.join() for p in ours] == [0] * 10
             assert await sub.wait() == 4
     finally:
         await sub.aclose()
-    plain.join(DEADLINE)
+    plain.join(SLOW_DEADLINE)
     assert plain.exitcode == 6
     pid, status = os.waitpid(forked, 0)
     assert pid == forked
     assert os.waitstatus_to_exitcode(status) == 5
-
-
-EXIT_SCRIPT = """
-import atexit, os, sys, time
-
-def report():  # runs after multiprocessing's exit handler (atexit is LIFO)
-    try:
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        left = "some"
-    except ChildProcessError:
-        left = "none"
-    print(f"daemon={daemon.exitcode} worker={worker.exitcode} children={left}", flush=True)
-
-atexit.register(report)
-
-import asyncio
-from aioproc import AsyncProcess
-
-def sleep(s): time.sleep(s)
-
-def start_grandchild_and_leave():
-    AsyncProcess(target=sleep, args=(0.3,)).start()  # never joined: waited at exit
-
-async def main():
-    global daemon, worker
-    daemon = AsyncProcess(target=sleep, args=(60,), daemon=True)
-    worker = AsyncProcess(target=start_grandchild_and_leave)
-    daemon.start()
-    worker.start()
-
-if __name__ == "__main__":
-    asyncio.run(main())
-"""
-
-
-def test_interpreter_exit_terminates_daemons_and_waits_for_the_rest(tmp_path: Any) -> None:
-    script = tmp_path / "exit_script.py"
-    script.write_text(EXIT_SCRIPT)
-    out = subprocess.run(
-        [sys.executable, "-W", "error", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "daemon=-15 worker=0 children=none"
-    assert out.stderr == ""  # in particular no "coroutine ... was never awaited"
 
 
 def test_children_helper_sees_real_children() -> None:

@@ -59,14 +59,13 @@ from aioproc._watchers import sigchld
 
 from . import targets
 from .conftest import FORK_THREAD_WARNING
-from .helpers import children_of_this_process, fork_server_and_helpers, open_fds, state_of
+from .helpers import DEADLINE, children_of_this_process, fork_server_and_helpers, open_fds, state_of
 
 SCALE = float(os.environ.get("AIOPROC_STRESS_SCALE", "1"))
 EXAMPLES = max(1, round(12 * SCALE))
 STEPS = 30
 MAX_SLOTS = 6  # processes started per example
 LONG = 60.0  # a child that only ends when signalled
-DEADLINE = 20  # for anything that must finish promptly
 
 #: Totals over the run, for the report: machines (examples) and steps.
 TOTALS = {"examples": 0, "steps": 0}

@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
-from fractions import Fraction
 from typing import Any
 
 import anyio
@@ -34,20 +29,20 @@ from aioproc._watchers import sigchld
 
 from . import targets
 from .helpers import (
+    DEADLINE,
     children_of_this_process,
     fork_server_and_helpers,
     has_zombie_child,
-    killed_afterwards,
     open_fds,
     rss_bytes,
-    state_of,
 )
+
+SLOW_DEADLINE = 4 * DEADLINE  # one wave or one storm; longer is a hang
 
 SCALE = float(os.environ.get("AIOPROC_STRESS_SCALE", "1"))
 CHURN = max(1, round(1000 * SCALE))
 WAVE = max(1, min(250, CHURN // 4))  # at least four waves: one warms up, three are measured
 STORM = max(50, round(1000 * min(SCALE, 1)))
-DEADLINE = 120  # seconds for one wave or one storm; longer is a hang
 
 #: Parent memory a churn may add once warmed up, whatever its size.  A leak of
 #: one small object per child (about 1 KiB) shows at the CI size through the
@@ -70,7 +65,7 @@ async def _churn_wave(first: int, count: int) -> None:
         async def join(i: int, p: AsyncProcess) -> None:
             codes[i] = await p.join()
 
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             async with anyio.create_task_group() as tg:
                 for i, p in enumerate(procs, first):
                     if p.pid is not None:
@@ -140,7 +135,7 @@ async def test_exit_storm(watcher: str, record_property: Any) -> None:
         async def join(i: int) -> None:
             codes[i] = await procs[i].join()
 
-        with anyio.fail_after(DEADLINE):
+        with anyio.fail_after(SLOW_DEADLINE):
             async with anyio.create_task_group() as tg:
                 for i in range(STORM):
                     tg.start_soon(join, i)
@@ -161,7 +156,7 @@ async def test_exit_storm(watcher: str, record_property: Any) -> None:
         for p in procs:  # only after a failure: make sure nothing is left
             if p.pid is not None and p.exitcode is None:
                 p.kill()
-                with anyio.fail_after(DEADLINE):
+                with anyio.fail_after(SLOW_DEADLINE):
                     await p.join()
 
     assert codes == [i % 256 for i in range(STORM)]
@@ -177,420 +172,6 @@ async def test_exit_storm(watcher: str, record_property: Any) -> None:
 
 
 # -- when the parent exits -----------------------------------------------------
-
-PARENT_EXIT_SCRIPT = """
-import json, sys, time
-from multiprocessing import util
-import anyio
-from aioproc import AsyncProcess
-
-def sleep(seconds):
-    time.sleep(seconds)
-
-def after_exit_handling(report):
-    # Finalizers of negative priority run last in multiprocessing's exit
-    # handler, after its children were terminated or waited for.
-    util.Finalize(None, report, exitpriority=-1)
-
-def nested(conn):
-    # A non-daemonic child that leaves children of its own behind: its own
-    # exit terminates its daemon and waits for its worker.
-    daemon = AsyncProcess(target=sleep, args=(60,), daemon=True)
-    worker = AsyncProcess(target=sleep, args=(0.2,))
-    daemon.start()
-    worker.start()
-    after_exit_handling(lambda: conn.send({
-        "nested_daemon": [daemon.pid, daemon.exitcode],
-        "nested_worker": [worker.pid, worker.exitcode],
-    }))
-
-def main():
-    import multiprocessing
-    context = sys.argv[1]
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    procs = {}
-
-    async def start_all():
-        for i in range(3):
-            procs[f"daemon{i}"] = AsyncProcess(
-                target=sleep, args=(60,), daemon=True, context=context
-            )
-        for i in range(2):
-            procs[f"worker{i}"] = AsyncProcess(
-                target=sleep, args=(0.1 * (i + 1),), context=context
-            )
-        procs["nested"] = AsyncProcess(target=nested, args=(writer,), context=context)
-        for p in procs.values():
-            p.start()
-
-    def report():
-        report = {name: [p.pid, p.exitcode] for name, p in procs.items()}
-        report.update(reader.recv())
-        print(json.dumps(report), flush=True)
-
-    after_exit_handling(report)
-    anyio.run(start_all)  # the loop is gone; the interpreter exits with children running
-
-if __name__ == "__main__":
-    main()
-"""
-
-
-@pytest.mark.parametrize(
-    ("context", "forced"),
-    [
-        ("fork", None),
-        ("spawn", None),
-        ("forkserver", None),
-        ("fork", "sigchld"),
-        ("fork", "sentinel"),
-        ("fork", "thread"),
-    ],
-)
-def test_parent_exit_terminates_daemons_and_waits_for_the_rest(
-    context: str, forced: str | None, tmp_path: Any
-) -> None:
-    """Several daemonic and non-daemonic children, and a child with children of its own."""
-    script = tmp_path / "parent_exit.py"
-    script.write_text(PARENT_EXIT_SCRIPT)
-    env = dict(os.environ)
-    env.pop("AIOPROC_WATCHER", None)
-    if forced is not None:
-        env["AIOPROC_WATCHER"] = forced
-    out = subprocess.run(
-        [sys.executable, "-W", "error", str(script), context],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stderr == ""  # no traceback, no "coroutine ... was never awaited"
-    report = json.loads(out.stdout)
-    codes = {name: code for name, (_, code) in report.items()}
-    assert codes == {
-        "daemon0": -signal.SIGTERM,
-        "daemon1": -signal.SIGTERM,
-        "daemon2": -signal.SIGTERM,
-        "worker0": 0,
-        "worker1": 0,
-        "nested": 0,
-        "nested_daemon": -signal.SIGTERM,
-        "nested_worker": 0,
-    }
-    for name, (pid, _) in report.items():
-        assert state_of(pid) is None, f"{name} (pid {pid}) outlived its parent"
-
-
-PARENT_KILLED_SCRIPT = """
-import multiprocessing, os, sys, time
-from multiprocessing.connection import wait
-import anyio
-from aioproc import AsyncProcess
-
-def sleep(seconds):
-    time.sleep(seconds)
-
-def exit_with_parent():
-    wait([multiprocessing.parent_process().sentinel])  # readable once the parent is gone
-    os._exit(0)
-
-async def main():
-    daemon = AsyncProcess(target=sleep, args=(60,), daemon=True)
-    worker = AsyncProcess(target=sleep, args=(60,))
-    watchful = AsyncProcess(target=exit_with_parent)  # last: no later sibling holds its pipe
-    for p in (daemon, worker, watchful):
-        p.start()
-    print(daemon.pid, worker.pid, watchful.pid, flush=True)
-    await anyio.sleep(60)
-
-if __name__ == "__main__":
-    anyio.run(main)
-"""
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except FileNotFoundError:
-        return None
-
-
-def test_parent_killed_children_live_on_unless_they_watch(tmp_path: Any) -> None:
-    """SIGKILL leaves no exit handler to run: the children live on, adopted.
-
-    Daemonic or not, they keep running under a new parent (init or the nearest
-    subreaper).  A child that waits on ``multiprocessing.parent_process()
-    .sentinel`` learns that its parent died and can end itself.
-    """
-    script = tmp_path / "parent_killed.py"
-    script.write_text(PARENT_KILLED_SCRIPT)
-    parent = subprocess.Popen(
-        [sys.executable, "-W", "error", str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert parent.stdout is not None
-    daemon, worker, watchful = (int(pid) for pid in parent.stdout.readline().split())
-    with killed_afterwards(daemon), killed_afterwards(worker), killed_afterwards(watchful):
-        assert {_parent_of(pid) for pid in (daemon, worker, watchful)} == {parent.pid}
-        parent.kill()
-        assert parent.wait(timeout=30) == -signal.SIGKILL
-        parent.stdout.close()
-        assert parent.stderr is not None
-        parent.stderr.close()
-        deadline = time.monotonic() + 30
-        while state_of(watchful) not in (None, "Z"):  # it saw the parent go, and exits
-            assert time.monotonic() < deadline, "the watchful child did not notice"
-            time.sleep(0.01)
-        for pid in (daemon, worker):
-            assert state_of(pid) not in (None, "Z"), "a child died with its parent"
-            assert _parent_of(pid) not in (None, parent.pid)
-
-
-# -- bad input -------------------------------------------------------------------
-
-MISUSE_SCRIPT = r"""
-import asyncio, json, math, multiprocessing, os, sys, threading
-import anyio
-import aioproc
-from aioproc import AsyncProcess
-
-def noop():
-    pass
-
-def sleep():
-    import time
-    time.sleep(30)
-
-seen = {}
-
-def record(case, call):
-    try:
-        call()
-    except Exception as exc:
-        seen[case] = [type(exc).__name__, str(exc)]
-    else:
-        seen[case] = None
-
-async def arecord(case, call):
-    try:
-        await call()
-    except Exception as exc:
-        seen[case] = [type(exc).__name__, str(exc)]
-    else:
-        seen[case] = None
-
-def misuse_in_child(kind, sibling):
-    # Runs in a child: report the error of joining oneself, a sibling, or
-    # starting a child from a daemonic process, through the exit code.
-    async def main():
-        if kind == "join-self":
-            await multiprocessing.current_process().join()
-        elif kind == "join-sibling":
-            await sibling.join()
-        else:
-            AsyncProcess(target=noop).start()
-    try:
-        anyio.run(main)
-    except RuntimeError as exc:
-        print(json.dumps([kind, str(exc)]), flush=True)
-        os._exit(3)
-    os._exit(1)
-
-async def main():
-    p = AsyncProcess(target=noop)
-    await arecord("join before start", p.join)
-    for name in ("terminate", "kill", "interrupt"):
-        record(f"{name} before start", getattr(p, name))
-    p.start()
-    record("start twice", p.start)
-    for timeout in (-1, -math.inf, math.nan, "1", True, 1j):
-        await arecord(f"join timeout {timeout!r}", lambda: p.join(timeout))
-    await p.join()
-    record("daemon after start", lambda: setattr(p, "daemon", True))
-    p.close()
-    for name in ("start", "is_alive", "terminate", "kill", "interrupt"):
-        record(f"{name} closed", getattr(p, name))
-    await arecord("join closed", p.join)
-    record("exitcode closed", lambda: p.exitcode)
-    record("pid closed", lambda: p.pid)
-
-    running = AsyncProcess(target=sleep)
-    running.start()
-    record("close running", running.close)
-    for kind in ("join-self", "join-sibling"):
-        child = AsyncProcess(target=misuse_in_child, args=(kind, running), context="fork")
-        child.start()
-        seen[f"{kind} exit code"] = await child.join()
-    daemon = AsyncProcess(target=misuse_in_child, args=("daemon-child", None), daemon=True)
-    daemon.start()
-    seen["daemon-child exit code"] = await daemon.join()
-
-    # Two event loops at once: this one joins, another thread's tries to.
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(running.join)
-        await anyio.wait_all_tasks_blocked()
-        errors = []
-        def other_loop():
-            try:
-                asyncio.run(running.join())
-            except Exception as exc:
-                errors.append([type(exc).__name__, str(exc)])
-        thread = threading.Thread(target=other_loop)
-        thread.start()
-        thread.join()
-        seen["join from a second loop"] = errors[0] if errors else None
-        running.kill()
-    running.close()
-
-    for case, kwargs in {
-        "group": {"group": "g"},
-        "target not callable": {"target": 42},
-        "args not iterable": {"target": noop, "args": 5},
-        "kwargs not a mapping": {"target": noop, "kwargs": [1]},
-        "name not a str": {"target": noop, "name": 1},
-        "unknown context": {"target": noop, "context": "nope"},
-        "context of a wrong type": {"target": noop, "context": 3},
-    }.items():
-        record(case, lambda: AsyncProcess(**kwargs))
-    record("name set to an int", lambda: setattr(AsyncProcess(), "name", 3))
-    record("unknown watcher", lambda: aioproc.set_watcher("nope"))
-    record("watcher of a wrong type", lambda: aioproc.set_watcher(3))
-    aioproc.set_watcher("sigchld")
-    record("sigchld for a forkserver child", AsyncProcess(target=noop, context="forkserver").start)
-    aioproc.set_watcher(None)
-    print(json.dumps(seen))
-
-if __name__ == "__main__":
-    assert False, "this script must run under python -O"
-    anyio.run(main)
-"""
-
-#: Case -> (exception type, a fragment of its message); None: no error.
-MISUSE: dict[str, Any] = {
-    "join before start": ("RuntimeError", "cannot join a process that has not been started"),
-    "terminate before start": ("RuntimeError", "call start() first"),
-    "kill before start": ("RuntimeError", "call start() first"),
-    "interrupt before start": ("RuntimeError", "call start() first"),
-    "start twice": ("RuntimeError", "cannot start a process twice"),
-    "join timeout -1": ("ValueError", "timeout must be >= 0 (0 polls, None waits forever), got -1"),
-    "join timeout -inf": ("ValueError", "timeout must be >= 0"),
-    "join timeout nan": ("ValueError", "not NaN"),
-    "join timeout '1'": ("TypeError", "timeout must be a real number of seconds"),
-    "join timeout True": ("TypeError", "not bool"),
-    "join timeout 1j": ("TypeError", "not complex"),
-    "daemon after start": ("RuntimeError", "set it before start()"),
-    "start closed": ("ValueError", "process object is closed"),
-    "is_alive closed": ("ValueError", "process object is closed"),
-    "terminate closed": ("ValueError", "process object is closed"),
-    "kill closed": ("ValueError", "process object is closed"),
-    "interrupt closed": ("ValueError", "process object is closed"),
-    "join closed": ("ValueError", "process object is closed"),
-    "exitcode closed": ("ValueError", "process object is closed"),
-    "pid closed": ("ValueError", "process object is closed"),
-    "close running": ("ValueError", "cannot close a process that is still running"),
-    "join-self exit code": 3,
-    "join-sibling exit code": 3,
-    "daemon-child exit code": 3,
-    "join from a second loop": ("RuntimeError", "is already being joined in another event loop"),
-    "group": ("ValueError", "group must be None"),
-    "target not callable": ("TypeError", "target must be a callable or None, not int"),
-    "args not iterable": ("TypeError", "args must be a tuple"),
-    "kwargs not a mapping": ("TypeError", "kwargs must be a dict or None, not list"),
-    "name not a str": ("TypeError", "name must be a str or None, not int"),
-    "unknown context": ("ValueError", "unknown start method 'nope'"),
-    "context of a wrong type": ("TypeError", "context must be a start method name"),
-    "name set to an int": ("TypeError", "name must be a str, not int"),
-    "unknown watcher": ("ValueError", "unknown watcher 'nope'"),
-    "watcher of a wrong type": ("TypeError", "must be a watcher name (str) or None, not int"),
-    "sigchld for a forkserver child": ("WatcherUnavailable", "belongs to the fork server"),
-}
-
-#: What the children report (on stdout) for the misuse they commit.
-CHILD_MISUSE = {
-    "join-self": "a process cannot join itself",
-    "join-sibling": "can only join a child of this process",
-    "daemon-child": "a daemonic process is not allowed to have children",
-}
-
-
-def test_every_misuse_raises_a_clear_error_under_python_O(tmp_path: Any) -> None:
-    """SPEC section 1's misuse list, each with its type and message, asserts stripped."""
-    script = tmp_path / "misuse.py"
-    script.write_text(MISUSE_SCRIPT)
-    env = dict(os.environ)
-    env.pop("AIOPROC_WATCHER", None)
-    out = subprocess.run(
-        [sys.executable, "-O", "-W", "error", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr
-    *child_lines, last = out.stdout.strip().splitlines()
-    seen = json.loads(last)
-    assert set(seen) == set(MISUSE)
-    for case, expected in MISUSE.items():
-        if isinstance(expected, int):
-            assert seen[case] == expected, case
-            continue
-        kind, fragment = expected
-        assert seen[case] is not None, f"{case}: no error"
-        assert seen[case][0] == kind, f"{case}: {seen[case]}"
-        assert fragment in seen[case][1], f"{case}: {seen[case][1]!r}"
-    children = dict(json.loads(line) for line in child_lines)
-    assert set(children) == set(CHILD_MISUSE)
-    for kind, fragment in CHILD_MISUSE.items():
-        assert fragment in children[kind], children[kind]
-
-
-@pytest.mark.parametrize(
-    ("timeout", "running", "exited"),
-    [
-        (-0.0, None, 0),  # negative zero is zero: a poll
-        (1e-9, None, 0),
-        (Fraction(1, 50), None, 0),
-        (sys.float_info.max, "waits", 0),
-        (10**400, "waits", 0),  # too large for a float: forever
-        (float("inf"), "waits", 0),
-    ],
-    ids=["-0.0", "1e-9", "Fraction", "float-max", "10**400", "inf"],
-)
-async def test_absurd_timeouts(timeout: Any, running: str | None, exited: int) -> None:
-    """Tiny, huge and unusual timeouts mean what they say; none overflows a timer."""
-    ours, theirs = multiprocessing.Pipe()
-    p = AsyncProcess(target=targets.ready_then_crash, args=(theirs, "exit"))
-    p.start()
-    with anyio.fail_after(DEADLINE):
-        await anyio.wait_readable(ours.fileno())
-    assert ours.recv() == "ready"
-    if running is None:
-        assert await p.join(timeout) is None
-        assert p.is_alive()
-        ours.send("go")
-        with anyio.fail_after(DEADLINE):
-            assert await p.join() == 99
-        assert await p.join(timeout) == 99
-    else:
-        async with anyio.create_task_group() as tg:
-            result: list[int | None] = []
-
-            async def join() -> None:
-                result.append(await p.join(timeout))
-
-            tg.start_soon(join)
-            await anyio.wait_all_tasks_blocked()
-            ours.send("go")
-        assert result == [99]
-    p.close()
-    ours.close()
 
 
 @pytest.mark.parametrize("name", ["pidfd", "sigchld", "sentinel", "thread"])
@@ -617,7 +198,7 @@ def test_join_in_a_thread_of_its_own(name: str) -> None:
 
         thread = threading.Thread(target=run)
         thread.start()
-        thread.join(DEADLINE)
+        thread.join(SLOW_DEADLINE)
         [result] = outcome
         return result
 
@@ -629,9 +210,9 @@ def test_join_in_a_thread_of_its_own(name: str) -> None:
         assert waited is None
     ours.send("go")
     if name == "sigchld":
-        assert asyncio.run(p.join(DEADLINE)) == 99  # in the main thread it can
+        assert asyncio.run(p.join(SLOW_DEADLINE)) == 99  # in the main thread it can
     else:
-        assert in_a_thread(DEADLINE) == 99
+        assert in_a_thread(SLOW_DEADLINE) == 99
     p.close()
     ours.close()
 
@@ -644,7 +225,7 @@ async def test_join_called_without_await_does_nothing_but_warn() -> None:
         p.join()  # type: ignore[unused-coroutine]  # dropped at once: CPython warns here
     assert p.is_alive()  # nothing waited, nothing changed
     p.kill()
-    with anyio.fail_after(DEADLINE):
+    with anyio.fail_after(SLOW_DEADLINE):
         assert await p.join() == -signal.SIGKILL
     p.close()
 
@@ -654,11 +235,11 @@ async def test_one_process_joined_from_two_event_loops(watcher: str) -> None:
     ours, theirs = multiprocessing.Pipe()
     p = AsyncProcess(target=targets.ready_then_crash, args=(theirs, "exit"))
     p.start()
-    with anyio.fail_after(DEADLINE):
+    with anyio.fail_after(SLOW_DEADLINE):
         await anyio.wait_readable(ours.fileno())
     assert ours.recv() == "ready"
 
-    def join_in_another_loop(timeout: float = DEADLINE) -> object:
+    def join_in_another_loop(timeout: float = SLOW_DEADLINE) -> object:
         try:
             return asyncio.run(p.join(timeout))
         except Exception as exc:
@@ -679,7 +260,7 @@ async def test_one_process_joined_from_two_event_loops(watcher: str) -> None:
     else:
         assert accepted is None  # it waited, and timed out: the child still runs
     ours.send("go")
-    with anyio.fail_after(DEADLINE):
+    with anyio.fail_after(SLOW_DEADLINE):
         assert await p.join() == 99
     p.close()
     ours.close()

@@ -38,9 +38,12 @@ from aioproc import (
 
 from . import targets
 from .helpers import (
-    TRACER,
+    DEADLINE,
+    SCRIPTS,
+    Tracer,
     children_of_this_process,
     fork_server_and_helpers,
+    handshake,
     open_fds,
     pid_exists,
     reaping_orphans,
@@ -56,17 +59,8 @@ pytestmark = pytest.mark.anyio
 
 CONTEXTS = ["fork", "forkserver", "spawn"]
 ASYNCIO_UVLOOP = ("asyncio", {"loop_factory": uvloop.new_event_loop})
-DEADLINE = 30  # seconds; anything slower is a hang
 REPO = Path(__file__).resolve().parent.parent
 RT_SIGNAL = int(signal.SIGRTMIN) + 1  # a signal without a name of its own
-
-
-async def receive(conn: multiprocessing.connection.Connection) -> Any:
-    """The next message from a child, without blocking the loop."""
-    with anyio.fail_after(DEADLINE):
-        while not conn.poll():
-            await anyio.wait_readable(conn.fileno())
-    return conn.recv()
 
 
 def assert_gone(pids: list[int]) -> None:
@@ -253,7 +247,7 @@ async def test_killed_while_out_of_memory_is_process_died() -> None:
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_it)
-            pid, hoarded = await receive(recv)
+            pid, hoarded = await handshake(recv)
             assert hoarded > 0
             os.kill(pid, signal.SIGKILL)
     (err,) = outcome
@@ -278,49 +272,13 @@ async def test_exit_status_taken_by_someone_else() -> None:
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_it)
-            pid = await receive(recv)
+            pid = await handshake(recv)
             assert os.waitpid(pid, 0)[0] == pid  # blocks the loop for 0.2 s at most
     (err,) = outcome
     assert f"child pid {pid} was consumed by someone else" in str(err)
 
 
 # -- timeouts and cancellation ---------------------------------------------------------
-
-
-async def test_timeout_terminates_reaps_and_raises(watcher: str) -> None:
-    recv, send = multiprocessing.Pipe(duplex=False)
-    with anyio.fail_after(DEADLINE), pytest.raises(ProcessTimeout) as info:
-        await aioproc.run(targets.send_pid_then_sleep, send, 60, timeout=0.5)
-    err = info.value
-    assert isinstance(err, TimeoutError)
-    assert recv.poll(), "the child had not started within 0.5 s"
-    assert err.pid == recv.recv()
-    assert err.exitcode == -signal.SIGTERM
-    assert str(err) == (
-        f"process {err.pid} running send_pid_then_sleep() did not finish within 0.5 s; "
-        "it was sent SIGTERM and reaped (exit code -15)"
-    )
-    assert_gone([err.pid])
-
-
-async def test_timeout_escalates_to_sigkill() -> None:
-    """A child that ignores SIGTERM is killed after the grace period."""
-    recv, send = multiprocessing.Pipe(duplex=False)
-    with anyio.fail_after(DEADLINE), pytest.raises(ProcessTimeout) as info:
-        await aioproc.run(
-            targets.ignore_sigterm_send_pid_then_sleep, send, 60, timeout=1, grace=0.2
-        )
-    err = info.value
-    assert recv.poll(), "the child had not started within 1 s"
-    assert err.pid == recv.recv()
-    assert err.exitcode == -signal.SIGKILL
-    assert "it was sent SIGTERM, then SIGKILL after the 0.2 s grace period, and reaped" in str(err)
-    assert_gone([err.pid])
-
-
-async def test_result_within_timeout_is_returned() -> None:
-    with anyio.fail_after(DEADLINE):
-        assert await aioproc.run(targets.sleep_and_return, 0.01, timeout=DEADLINE) == 0.01
 
 
 async def test_cancel_scope_stops_the_child_then_propagates(watcher: str) -> None:
@@ -339,7 +297,7 @@ async def test_cancel_scope_stops_the_child_then_propagates(watcher: str) -> Non
                         grace=0.1,
                     )
                 )
-                pid = await receive(recv)
+                pid = await handshake(recv)
                 scope.cancel()
                 await anyio.sleep(DEADLINE)
             reached_the_end = True
@@ -363,7 +321,7 @@ async def test_already_cancelled_starts_nothing(monkeypatch: pytest.MonkeyPatch)
 async def test_asyncio_task_cancel_stops_the_child() -> None:
     recv, send = multiprocessing.Pipe(duplex=False)
     task = asyncio.ensure_future(aioproc.run(targets.send_pid_then_sleep, send, 60))
-    pid = await receive(recv)
+    pid = await handshake(recv)
     task.cancel()
     with anyio.fail_after(DEADLINE), pytest.raises(asyncio.CancelledError):
         await task
@@ -376,7 +334,7 @@ async def test_failing_sibling_stops_the_other_children(watcher: str) -> None:
 
     async def fail_once_the_others_run() -> None:
         while len(pids) < 3:
-            pids.append(await receive(recv))
+            pids.append(await handshake(recv))
         await aioproc.run(targets.raise_value_error, "sibling failed")
 
     async def group() -> None:
@@ -420,7 +378,7 @@ async def test_cancelled_task_group_of_50_leaves_no_child(
                 else:
                     tg.start_soon(quick)
             while len(running) < n // 2:
-                running.append(await receive(recv))
+                running.append(await handshake(recv))
             await half_finished.wait()
             tg.cancel_scope.cancel()
     started = finished + running
@@ -446,39 +404,12 @@ async def test_cancelled_task_group_other_start_methods(context: str) -> None:
                     )
                 )
             while len(pids) < 6:
-                pids.append(await receive(recv))
+                pids.append(await handshake(recv))
             tg.cancel_scope.cancel()
     assert_gone(pids)
 
 
 # -- a child that survives SIGKILL --------------------------------------------------------
-
-
-class Tracer:
-    """Holds a process in its exit stop: SIGKILL cannot finish it until released."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", TRACER, str(pid)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        first = self.readline()
-        if first.startswith("error"):
-            self.proc.wait()
-            pytest.skip(f"ptrace is not permitted here ({first.strip()})")
-        assert first == "seized\n"
-
-    def readline(self) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], DEADLINE)
-        assert ready, "the tracer did not answer"
-        return self.proc.stdout.readline()
-
-    def release(self) -> None:
-        self.proc.communicate(timeout=DEADLINE)  # closes its stdin: it lets go and exits
 
 
 async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
@@ -506,7 +437,7 @@ async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
                         grace=0.1,
                     )
                 )
-                pid: int = await receive(recv)
+                pid: int = await handshake(recv)
                 tracers.append(Tracer(pid))
                 scope.cancel()
                 await anyio.sleep(DEADLINE)
@@ -544,73 +475,6 @@ async def test_child_that_survives_sigkill_is_reported_and_reaped_later(
         for tracer in tracers:
             if tracer.proc.returncode is None:
                 tracer.release()
-
-
-EXIT_SCRIPT = """
-import functools, multiprocessing, sys
-import anyio
-import aioproc, aioproc._exit, aioproc._run
-from tests import targets
-
-aioproc._run._KILL_WAIT = aioproc._exit.KILL_WAIT = 0.3
-
-async def main():
-    recv, send = multiprocessing.Pipe(duplex=False)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(functools.partial(
-            aioproc.run, targets.ignore_sigterm_send_pid_then_sleep, send, 60, grace=0.1))
-        await anyio.wait_readable(recv.fileno())
-        print(recv.recv(), flush=True)
-        await anyio.wait_readable(sys.stdin.fileno())  # the tracer holds the child
-        sys.stdin.readline()
-        tg.cancel_scope.cancel()
-    print("cancelled", flush=True)
-
-if __name__ == "__main__":
-    anyio.run(main)
-"""
-
-
-def test_interpreter_exit_does_not_wait_forever_for_an_unkillable_child(tmp_path: Path) -> None:
-    """The script exits though its child is still held; the child is reaped afterwards."""
-    script = tmp_path / "exit_script.py"
-    script.write_text(EXIT_SCRIPT)
-    stderr_path = tmp_path / "stderr.txt"
-    with reaping_orphans(), stderr_path.open("w") as stderr:
-        # The held child inherited stdout and stderr: nobody may wait for their end.
-        proc = subprocess.Popen(
-            [sys.executable, str(script)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=REPO,
-        )
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        tracer: Tracer | None = None
-        try:
-            pid = int(proc.stdout.readline())
-            tracer = Tracer(pid)
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            assert proc.wait(DEADLINE) == 0, stderr_path.read_text()
-            os.set_blocking(proc.stdout.fileno(), False)
-            assert proc.stdout.read() == "cancelled\n"
-            assert state_of(pid) == "t"  # still held: the script did not wait for it
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
-            proc.stdin.close()
-            proc.stdout.close()
-            if tracer is not None:
-                tracer.release()
-    err = stderr_path.read_text()
-    assert f"process {pid} is still alive 0.3 s after SIGKILL" in err
-    assert f"process {pid} is still alive at interpreter exit" in err
-    assert "UnkillableProcessWarning" in err
-    assert "Traceback" not in err
 
 
 # -- pickling ------------------------------------------------------------------------------
@@ -677,63 +541,6 @@ async def test_argument_that_cannot_be_rebuilt_in_the_child(context: str) -> Non
 
 # -- Ctrl-C ------------------------------------------------------------------------------------
 
-CTRL_C_SCRIPT = """
-import functools, multiprocessing, os, sys
-import anyio, uvloop
-import aioproc
-from tests import targets
-
-try:
-    BaseExceptionGroup
-except NameError:  # Python 3.10
-    from exceptiongroup import BaseExceptionGroup
-
-N = 4
-pids = []
-
-
-def ctrl_c(exc):
-    # How anyio.run ends on Ctrl-C: KeyboardInterrupt, bare (asyncio) or in trio's
-    # nursery groups; on Python 3.10 asyncio cannot uncancel the main task and
-    # lets its CancelledError out instead.
-    if isinstance(exc, BaseExceptionGroup):
-        return all(ctrl_c(e) for e in exc.exceptions)
-    if sys.version_info < (3, 11) and type(exc).__name__ == "CancelledError":
-        return True
-    return isinstance(exc, KeyboardInterrupt)
-
-async def main(context):
-    recv, send = multiprocessing.Pipe(duplex=False)
-    async with anyio.create_task_group() as tg:
-        for _ in range(N):
-            tg.start_soon(functools.partial(
-                aioproc.run, targets.send_pid_then_sleep, send, 60, context=context))
-        while len(pids) < N:
-            await anyio.wait_readable(recv.fileno())
-            while recv.poll():
-                pids.append(recv.recv())
-        print(" ".join(map(str, pids)), flush=True)
-        await anyio.sleep(60)
-
-if __name__ == "__main__":
-    backend, context = sys.argv[1:]
-    options = {"loop_factory": uvloop.new_event_loop} if backend == "uvloop" else {}
-    try:
-        anyio.run(main, context, backend="trio" if backend == "trio" else "asyncio",
-                  backend_options=options)
-    except BaseException as exc:
-        if not ctrl_c(exc):
-            raise
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        print("interrupted, alive:", alive, flush=True)
-"""
-
 
 @pytest.mark.parametrize(
     ("backend", "context"),
@@ -750,8 +557,7 @@ def test_ctrl_c_to_the_process_group(backend: str, context: str, tmp_path: Path)
 
     The start method matters for the children, the backend for the parent.
     """
-    script = tmp_path / "ctrl_c.py"
-    script.write_text(CTRL_C_SCRIPT)
+    script = SCRIPTS / "ctrl_c.py"
     with reaping_orphans():
         proc = subprocess.Popen(
             [sys.executable, str(script), backend, context],
@@ -821,85 +627,6 @@ async def test_start_waits_in_the_loop_with_sigint_blocked_only_while_creating_t
     assert len(seen) > turns
     assert turns_during_start > 0
     assert not any(seen)
-
-
-# -- misuse -------------------------------------------------------------------------------------
-
-
-async def _coroutine_function() -> None:
-    pass
-
-
-def _not_callable() -> Any:
-    return aioproc.run(42)  # type: ignore[arg-type]
-
-
-def _str_timeout() -> Any:
-    return aioproc.run(targets.noop, timeout="1")  # type: ignore[arg-type]
-
-
-def _none_grace() -> Any:
-    return aioproc.run(targets.noop, grace=None)  # type: ignore[arg-type]
-
-
-def _keyword_argument() -> Any:
-    return aioproc.run(targets.greet, "x", punctuation="!")  # type: ignore[call-arg]
-
-
-@pytest.mark.parametrize(
-    ("call", "error", "match"),
-    [
-        pytest.param(
-            _not_callable,
-            TypeError,
-            "^func must be a callable, not int; call run",
-            id="not-callable",
-        ),
-        pytest.param(
-            lambda: aioproc.run(_coroutine_function),
-            TypeError,
-            r"^_coroutine_function\(\) is an async function; run\(\) calls a plain function",
-            id="async-function",
-        ),
-        pytest.param(
-            lambda: aioproc.run(targets.noop, timeout=-1),
-            ValueError,
-            "timeout must be >= 0",
-            id="negative-timeout",
-        ),
-        pytest.param(_str_timeout, TypeError, "timeout must be a real number", id="str-timeout"),
-        pytest.param(
-            lambda: aioproc.run(targets.noop, grace=-1),
-            ValueError,
-            "^grace must be a finite",
-            id="negative-grace",
-        ),
-        pytest.param(
-            lambda: aioproc.run(targets.noop, grace=float("inf")),
-            ValueError,
-            "grace must be",
-            id="infinite-grace",
-        ),
-        pytest.param(_none_grace, TypeError, "^grace must be a real number", id="none-grace"),
-        pytest.param(
-            lambda: aioproc.run(targets.noop, context="nope"),
-            ValueError,
-            "unknown start method",
-            id="unknown-context",
-        ),
-        pytest.param(
-            _keyword_argument,
-            TypeError,
-            "unexpected keyword argument 'punctuation'",
-            id="keyword-argument",
-        ),
-    ],
-)
-async def test_misuse(call: Any, error: type[Exception], match: str) -> None:
-    before = children_of_this_process()
-    with pytest.raises(error, match=match):
-        await call()
-    assert children_of_this_process() == before
 
 
 def test_process_errors_survive_pickling() -> None:

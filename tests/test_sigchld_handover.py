@@ -22,9 +22,9 @@ from aioproc._watchers import sigchld
 from aioproc._watchers._base import running_under_uvloop
 
 from . import targets
+from .helpers import DEADLINE
 
 pytestmark = pytest.mark.anyio
-DEADLINE = 10
 
 
 async def test_task_handed_the_lead_whose_child_exits_passes_it_on(
@@ -64,7 +64,7 @@ async def test_task_handed_the_lead_whose_child_exits_passes_it_on(
             async with anyio.create_task_group() as tg:
                 for p in (first, *others):  # the first join takes the lead
                     tg.start_soon(join, p)
-                    await anyio.sleep(0.01)
+                    await anyio.wait_all_tasks_blocked()
     finally:
         for p in (first, *others):  # if the joins deadlocked: no child left behind
             if p.exitcode is None:

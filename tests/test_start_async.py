@@ -15,12 +15,11 @@ import pytest
 from aioproc import AsyncProcess
 
 from . import targets
-from .helpers import children_of_this_process, fork_server_fd, only_free_fds, open_fds
+from .helpers import DEADLINE, children_of_this_process, fork_server_fd, only_free_fds, open_fds
 
 pytestmark = pytest.mark.anyio
 
 CONTEXTS = ["fork", "forkserver", "spawn"]
-DEADLINE = 20
 PAYLOAD = 4 << 20  # far more than a pipe holds (64 KiB): the child must read as we write
 
 

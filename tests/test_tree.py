@@ -27,13 +27,15 @@ from aioproc import AsyncProcess, _checks, _process, _tree
 from aioproc._watchers import pidfd
 
 from . import targets
-from .conftest import BACKENDS
+from .conftest import BACKENDS, FORK_THREAD_WARNING
 from .helpers import (
+    DEADLINE,
     _set_subreaper,
     children_of_this_process,
     fork_server_and_helpers,
     killed_afterwards,
     reaping_orphans,
+    signals_pending,
     state_of,
 )
 
@@ -105,7 +107,7 @@ async def start_tree(
     else:
         p.start()
     writer.close()
-    with anyio.fail_after(10):
+    with anyio.fail_after(DEADLINE):
         await anyio.wait_readable(reader.fileno())
     grandchild: int = reader.recv()
     reader.close()
@@ -156,7 +158,7 @@ async def test_terminate_reaches_the_grandchildren(method: str, start: str) -> N
             assert os.getpgid(p.pid or 0) == p.pid
             assert os.getpgid(grandchild) == p.pid
             p.terminate()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 assert await p.join() == -signal.SIGTERM
             assert exited_within(grandchild)
         p.close()
@@ -168,7 +170,7 @@ async def test_kill_and_interrupt_reach_the_grandchildren(action: str) -> None:
         p, grandchild = await start_tree("fork")
         with killed_afterwards(grandchild):
             getattr(p, action)()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 code = await p.join()
             assert code == (-signal.SIGKILL if action == "kill" else 3)
             assert exited_within(grandchild)
@@ -182,7 +184,7 @@ async def test_killpg_path_reaches_the_grandchildren(method: str) -> None:
         p, grandchild = await start_tree(method)
         with killed_afterwards(grandchild):
             p.kill()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 assert await p.join() == -signal.SIGKILL
             assert exited_within(grandchild)
         p.close()
@@ -194,7 +196,7 @@ async def test_every_watcher_signals_the_group(watcher: str) -> None:
         p, grandchild = await start_tree("forkserver" if watcher == "sentinel" else "fork")
         with killed_afterwards(grandchild):
             p.terminate()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 assert await p.join() == -signal.SIGTERM
             assert exited_within(grandchild)
         p.close()
@@ -222,7 +224,7 @@ async def test_a_signal_before_the_group_exists_reaches_the_child(method: str) -
     p = AsyncProcess(target=targets.sleep, args=(30,), context=method, new_process_group=True)
     p.start()
     p.terminate()
-    with anyio.fail_after(10):
+    with anyio.fail_after(DEADLINE):
         assert await p.join() == -signal.SIGTERM
     p.close()
 
@@ -233,14 +235,14 @@ async def test_without_a_group_of_its_own_the_grandchild_lives_on() -> None:
         p = AsyncProcess(target=targets.grandchild_then_sleep, args=(writer, False))
         p.start()
         writer.close()
-        with anyio.fail_after(10):
+        with anyio.fail_after(DEADLINE):
             await anyio.wait_readable(reader.fileno())
         grandchild = reader.recv()
         reader.close()
         with killed_afterwards(grandchild):
             assert os.getpgid(grandchild) == os.getpgid(0)
             p.terminate()
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 assert await p.join() == -signal.SIGTERM
             assert running(grandchild)
         p.close()
@@ -283,7 +285,7 @@ async def test_run_cancelled_kills_the_grandchildren(tmp_path: Path) -> None:
             tg.start_soon(
                 lambda: aioproc.run(targets.grandchild_to_file, str(path), True, 60, grace=0.1)
             )
-            with anyio.fail_after(10):
+            with anyio.fail_after(DEADLINE):
                 while not (path.exists() and path.read_text()):
                     await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
@@ -330,7 +332,7 @@ def read_pids(out: subprocess.Popen[str], names: set[str]) -> dict[str, int]:
 def test_children_die_with_a_parent_killed_by_sigkill(method: str) -> None:
     with reaping_orphans():
         parent = subprocess.Popen(
-            [sys.executable, "-m", "tests.orphan_parent", method, "both"],
+            [sys.executable, "-m", "tests.scripts.orphan_parent", method, "both"],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -353,7 +355,7 @@ def test_children_die_with_a_parent_killed_by_sigkill(method: str) -> None:
 def test_a_parent_dead_before_the_death_signal_was_set() -> None:
     with reaping_orphans():
         parent = subprocess.Popen(
-            [sys.executable, "-m", "tests.orphan_parent", "spawn", "at-once"],
+            [sys.executable, "-m", "tests.scripts.orphan_parent", "spawn", "at-once"],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -381,7 +383,7 @@ async def test_the_parent_check_kills_a_child_whose_parent_is_not_the_expected_o
         await p.start_async()
     else:
         p.start()
-    with anyio.fail_after(10):
+    with anyio.fail_after(DEADLINE):
         assert await p.join() == -signal.SIGKILL
     p.close()
 
@@ -420,3 +422,46 @@ def test_a_child_dies_with_the_thread_that_started_it() -> None:
     reader.close()
     assert anyio.run(p.join) == -signal.SIGKILL
     p.close()
+
+
+@LINUX_ONLY
+@FORK_THREAD_WARNING
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_child_started_from_a_thread_that_ends_at_once_dies_with_it(context: str) -> None:
+    """The README's promise, for a thread that does nothing but start the child.
+
+    "The parent is the thread that called start() ... a child started from a
+    short-lived thread is killed when the thread ends."  Here the thread ends
+    as soon as start() returns, typically before the child has set its death
+    signal: the child must still end with it.
+    """
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    p = AsyncProcess(
+        target=targets.ready_then_sleep, args=(writer, 60), context=context, die_with_parent=True
+    )
+    tids: list[int] = []
+
+    def start() -> None:
+        tids.append(threading.get_native_id())
+        p.start()
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    writer.close()
+    # Gone from the kernel's list, the thread has sent its death signals.
+    end = time.monotonic() + DEADLINE
+    while os.path.exists(f"/proc/self/task/{tids[0]}") and time.monotonic() < end:
+        time.sleep(0.001)
+    assert p.pid is not None
+    try:
+        killed = state_of(p.pid) in (None, "Z") or signal.SIGKILL in signals_pending(p.pid)
+    except FileNotFoundError:
+        killed = True  # dead and reaped meanwhile
+    if not killed:
+        p.kill()
+    code = anyio.run(p.join)
+    p.close()
+    reader.close()
+    assert killed, "the child outlived the thread that started it"
+    assert code == -signal.SIGKILL

@@ -13,10 +13,10 @@ from aioproc import AsyncProcess, ProcessDied, ProcessTimeout, RemoteTraceback, 
 from aioproc._exit import _at_exit as _join_children_at_exit
 
 from . import targets
+from .helpers import DEADLINE
 
 pytestmark = pytest.mark.anyio
 
-DEADLINE = 20
 MIB = 1 << 20
 ALLOCATED = 200  # MiB
 

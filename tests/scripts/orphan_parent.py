@@ -1,6 +1,6 @@
 """A parent to be SIGKILLed: it starts children, reports their pids, and waits.
 
-Run as ``python -m tests.orphan_parent METHOD MODE`` by ``test_tree.py``.  It
+Run as ``python -m tests.scripts.orphan_parent METHOD MODE`` by ``test_tree.py``.  It
 prints ``NAME PID`` lines and sleeps until killed:
 
 - ``both``: ``lives`` (an AsyncProcess with die_with_parent=False), ``dies``

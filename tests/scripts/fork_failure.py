@@ -1,14 +1,15 @@
 """Make fork() fail with EAGAIN for real, in a helper process, and report.
 
-Run as ``python -m tests.fork_failure SCENARIO`` by ``test_faults.py``; prints
+Run as ``python -m tests.scripts.fork_failure SCENARIO`` by ``test_faults.py``; prints
 one JSON object.  How fork is made to fail: RLIMIT_NPROC is not enforced for
 root (CAP_SYS_RESOURCE), so the helper (started as root) sets its *real* uid
 to ``nobody`` and lowers the soft RLIMIT_NPROC to 0, which the kernel checks
 against the real uid's process count in every fork and thread creation.  Its
 saved uid stays root, so that it can take root back afterwards and show that
 the same ``AsyncProcess`` starts once processes are available again.  While
-it is ``nobody`` it cannot read the interpreter's files under /root, so all it
-needs is imported before.
+it is ``nobody`` it cannot read the interpreter's files under /root, nor a
+checkout that only root may read: so all it needs is imported before,
+including every module of aioproc (some load on first use).
 
 Scenarios: ``fork``, ``spawn``, ``forkserver-start`` (the fork server itself
 cannot be started), ``forkserver-fork`` (the fork server, started with a
@@ -18,10 +19,12 @@ child and dies), ``thread-watcher`` (the join's thread cannot be created).
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 import multiprocessing.resource_tracker
 import os
+import pkgutil
 import resource
 import sys
 import time
@@ -32,12 +35,9 @@ from typing import Any
 import anyio
 
 import aioproc
-import aioproc._child  # imported on first start, when nobody cannot read them
-import aioproc._exit
-import aioproc._start
 from aioproc import AsyncProcess
 
-from .helpers import children_of_this_process, fork_server_fd, open_fds
+from ..helpers import children_of_this_process, fork_server_fd, open_fds
 
 NOBODY = 65534
 
@@ -133,8 +133,15 @@ async def join_fails() -> dict[str, Any]:
     return {"error": error, "alive_after_failure": alive, "exitcode_after": code}
 
 
+def import_all_of_aioproc() -> None:
+    """Load every module of aioproc now, while this process may still read them."""
+    for module in pkgutil.walk_packages(aioproc.__path__, "aioproc."):
+        importlib.import_module(module.name)
+
+
 def main() -> None:
     scenario, tmp = sys.argv[1], sys.argv[2]
+    import_all_of_aioproc()
 
     async def run() -> dict[str, Any]:
         if scenario == "thread-watcher":
