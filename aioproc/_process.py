@@ -9,6 +9,7 @@ import multiprocessing.context
 import multiprocessing.process as mp_process
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,8 @@ class AsyncProcess(mp_process.BaseProcess):
     _die_with_parent = False
     #: The pid that forks the child, as the child must find it (die_with_parent).
     _lifeline_parent: int | None = None
+    #: The native id of the thread that starts the child: its death is the signal.
+    _lifeline_thread: int | None = None
     #: ``aioproc.run`` sets this: SIGKILL what is left of the group at exit.
     _kill_group_at_exit = False
     #: A call owns this child (``run``, a pool): stopped, not awaited, at interpreter exit.
@@ -218,6 +221,7 @@ class AsyncProcess(mp_process.BaseProcess):
         if self._die_with_parent:
             check_die_with_parent(True, method)
             self._lifeline_parent = expected_parent()
+            self._lifeline_thread = threading.get_native_id()
         watch_cls = choose(Place.here(POPEN_CLASSES[method]))
         ensure_registered()
         return method, watch_cls
@@ -459,7 +463,7 @@ class AsyncProcess(mp_process.BaseProcess):
     def _bootstrap(self, parent_sentinel: int | None = None) -> int:
         # Before anything of the user's runs: it may start processes at once.
         if self._die_with_parent and self._lifeline_parent is not None:
-            arm_lifeline(self._lifeline_parent)
+            arm_lifeline(self._lifeline_parent, self._lifeline_thread)
         if self._new_process_group:
             lead_own_group()
         _fds.close_inherited()  # forked from a parent that has children: their pipes

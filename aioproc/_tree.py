@@ -57,12 +57,15 @@ def lead_own_group() -> None:
     os.setpgid(0, 0)
 
 
-def arm_lifeline(expected_parent: int) -> None:
+def arm_lifeline(expected_parent: int, thread: int | None = None) -> None:
     """Be killed when the parent dies; die now if it already has.
 
     *expected_parent* is the pid of the process that forked us, as the parent
     recorded it.  Any other ``getppid()`` means that it died (we were handed
-    to init or a subreaper) before the death signal was set.
+    to init or a subreaper) before the death signal was set.  The kernel
+    sends the signal when the *thread* that forked us ends (its native id):
+    if it ended before the signal was set, it is gone from the parent's
+    ``/proc`` tasks, and we die now, as we would have a moment later.
     """
     import ctypes  # noqa: PLC0415 - only children that ask for it pay for it
 
@@ -70,7 +73,9 @@ def arm_lifeline(expected_parent: int) -> None:
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:  # pragma: no cover
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
-    if os.getppid() != expected_parent:
+    if os.getppid() != expected_parent or (
+        thread is not None and not os.path.exists(f"/proc/{expected_parent}/task/{thread}")
+    ):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
