@@ -889,7 +889,9 @@ def _keyword_argument() -> Any:
         pytest.param(
             _keyword_argument,
             TypeError,
-            "unexpected keyword argument 'punctuation'",
+            r"^run\(\) got an unexpected keyword argument 'punctuation'; keyword arguments "
+            r"for greet\(\) go through functools.partial: "
+            r"run\(functools.partial\(greet, punctuation=...\), \*args\)$",
             id="keyword-argument",
         ),
     ],
