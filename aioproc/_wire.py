@@ -65,7 +65,7 @@ ENTRY = struct.Struct("!QB")
 #: bytes-like objects at least this large travel out of band.
 OUT_OF_BAND_MIN = 1 << 16
 #: Bytes moved per wake-up in the event loop before it yields.
-BUDGET = 1 << 21
+BUDGET = 1 << 19
 _BIG = 1 << 20  # a frame with more than this gets a larger pipe (Linux)...
 _BIG_PIPE = 1 << 20  # ... this large: the default limit for unprivileged users
 _IOV_MAX = 512
@@ -264,6 +264,14 @@ def frame(meta: object, body: bytes = b"", buffers: list[pickle.PickleBuffer] = 
     return [HEADER.pack(len(meta_bytes), len(body), len(raws)) + table + meta_bytes, body, *raws]
 
 
+def _slice(views: list[memoryview], budget: float) -> list[memoryview]:
+    """The first views, cut to about *budget* bytes: one system call moves no more."""
+    first = views[0]
+    if len(first) >= budget:
+        return [first[: int(budget)]]
+    return views[:_IOV_MAX]
+
+
 class Outgoing:
     """A frame being written; ``write_some`` on a blocking or non-blocking pipe."""
 
@@ -280,7 +288,7 @@ class Outgoing:
         moved = 0
         while parts:
             try:
-                n = os.writev(fd, parts[:_IOV_MAX])
+                n = os.writev(fd, _slice(parts, budget))
             except BlockingIOError:
                 return False
             moved += n
@@ -376,7 +384,7 @@ class Incoming:
         while self._phase != 3:
             pending = self._pending
             try:
-                n = os.readv(fd, pending[:_IOV_MAX])
+                n = os.readv(fd, _slice(pending, budget))
             except BlockingIOError:
                 return False
             if n == 0:
