@@ -77,8 +77,8 @@ import anyio.lowlevel
 
 from . import _run, _wire
 from ._exceptions import InitializerError, PoolClosed, ProcessTimeout, UnkillableProcessWarning
-from ._process import AsyncProcess, _check_timeout, _resolve_context
 from ._poolworker import worker_main
+from ._process import AsyncProcess, _check_timeout, _resolve_context
 from ._tree import PDEATHSIG_SUPPORTED
 
 if sys.version_info >= (3, 11):
@@ -566,12 +566,13 @@ class Pool:
             self._check_quiet()
 
     async def _call(
-        self, w: _Worker, func: Callable[..., T], parts: list[Any], timeout: float | None
+        self, w: _Worker, func: Callable[..., T], parts: list[Any], limit: float | None
     ) -> T:
         inc = _wire.Incoming()
         hello = None if w.ready else _wire.Incoming()
+        # The deadline runs from the moment the worker is ready (a new one says so).
         scope = anyio.CancelScope(
-            deadline=math.inf if timeout is None else anyio.current_time() + timeout
+            deadline=math.inf if limit is None or hello else anyio.current_time() + limit
         )
         w.scope = scope
         try:
@@ -584,6 +585,8 @@ class Pool:
                     await _wire.receive(w.res_fd, hello, wait_first=True)
                     if hello.complete:
                         self._hello(w, hello, func)
+                        if limit is not None:
+                            scope.deadline = anyio.current_time() + limit
                 await _wire.receive(w.res_fd, inc, wait_first=True)
                 if not inc.complete:  # end of file: it died
                     await w.exited.wait()
@@ -602,7 +605,7 @@ class Pool:
                 done = await self._stop(w)
             raise ProcessTimeout(
                 f"pool worker {w.pid} running {_wire.describe(func)} did not finish within "
-                f"{timeout:g} s; {done}",
+                f"{limit:g} s; {done}",
                 pid=w.pid,
                 exitcode=w.exitcode,
                 resource_usage=w.usage,
@@ -643,11 +646,16 @@ class Pool:
             return
         outcome = meta[1]  # "init-failed"
         cause = _wire.rebuilt_exception(
-            hello.body(), hello.objects, outcome[1], outcome[2], outcome[3], None
+            hello.body(),
+            hello.objects,
+            name=outcome[1],
+            message=outcome[2],
+            text=outcome[3],
+            usage=None,
         )
         self._forget_soon(w)
         raise InitializerError(
-            f"the pool's initializer {_wire.describe(self._initializer)} raised "
+            f"the pool's initializer {_wire.describe(self._initializer or repr)} raised "
             f"{_wire.type_name(cause)} in new worker {w.pid}, so {_wire.describe(func)} "
             "could not run; the worker exited",
             pid=w.pid,
@@ -724,12 +732,12 @@ class Pool:
         return self._map(func, items, timeout, ordered)
 
     async def _map(
-        self, func: Callable[[Any], T], items: Any, timeout: float | None, ordered: bool
+        self, func: Callable[[Any], T], items: Any, limit: float | None, ordered: bool
     ) -> AsyncIterator[T]:
         state: _MapState[T] = _MapState(2 * self._workers, ordered)
         assert self._tg is not None
         self._maps.add(state)
-        self._tg.start_soon(self._task, self._map_driver, state, func, items, timeout)
+        self._tg.start_soon(self._task, self._map_driver, state, func, items, limit)
         try:
             while True:
                 value = await state.next()
@@ -739,16 +747,17 @@ class Pool:
         finally:
             state.scope.cancel()
             self._maps.discard(state)
+
     async def _map_driver(
         self,
         state: _MapState[T],
         func: Callable[[Any], T],
         items: Any,
-        timeout: float | None,
+        limit: float | None,
     ) -> None:
         async def one(index: int, item: object) -> None:
             try:
-                value = await self.run(func, item, timeout=timeout)
+                value = await self.run(func, item, timeout=limit)
             except Exception as exc:
                 state.fail(exc)
             else:
@@ -834,4 +843,3 @@ def _positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
     return value
-

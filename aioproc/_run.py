@@ -49,7 +49,6 @@ import multiprocessing
 import multiprocessing.process as mp_process
 import multiprocessing.util as mp_util
 import os
-import pickle
 import signal
 import sys
 import time
@@ -61,16 +60,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 import anyio
 import anyio.lowlevel
 
+from . import _wire
 from ._exceptions import (
     ExitStatusLost,
-    ProcessDied,
     ProcessTimeout,
-    RemoteError,
-    RemoteTraceback,
     UnkillableProcessWarning,
 )
 from ._process import AsyncProcess, _check_timeout, _resolve_context
-from . import _wire
 from ._runchild import Call, child_main
 from ._tree import PDEATHSIG_SUPPORTED, check_die_with_parent, check_flag
 from ._usage import ResourceUsage
@@ -78,7 +74,7 @@ from ._usage import ResourceUsage
 if sys.version_info >= (3, 11):
     from typing import Never, TypeVarTuple, Unpack
 else:  # pragma: no cover - Python 3.10
-    from exceptiongroup import BaseExceptionGroup
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
     from typing_extensions import Never, TypeVarTuple, Unpack
 
 if TYPE_CHECKING:
@@ -256,21 +252,18 @@ async def _join_and_drain(proc: AsyncProcess, inbox: _Inbox) -> int:
     return code
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def _raise_alone(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     """Raise the one exception of *group* (a task group's wrapping) as it is."""
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        else:
-            leaves.append(exc)
-
-    collect(group)
+    leaves = _leaves(group)
     if len(leaves) != 1:
         raise group
-    (exc,) = leaves
+    exc = leaves[0]
     try:
         raise exc
     finally:
@@ -330,9 +323,7 @@ def _stop_now(proc: AsyncProcess) -> None:
         proc.close()
 
 
-def _result(
-    func: Callable[..., T], proc: AsyncProcess, code: int, inbox: _Inbox, method: str
-) -> T:
+def _result(func: Callable[..., T], proc: AsyncProcess, code: int, inbox: _Inbox, method: str) -> T:
     pid = cast(int, proc.pid)
     usage = proc.resource_usage
     if not inbox.complete:

@@ -134,7 +134,9 @@ def _same(obj: object) -> object:
 
 
 def _as_memoryview(buf: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    return memoryview(buf).cast("B").cast(fmt, shape)
+    flat: Any = memoryview(buf).cast("B")
+    view: memoryview = flat.cast(fmt, shape)
+    return view
 
 
 class _OutOfBand:
@@ -437,7 +439,7 @@ class Incoming:
                 self._pending = views
                 return
         self.objects = [
-            bytes(obj) if readonly and type(obj) is bytearray else obj  # type: ignore[call-overload]
+            bytes(obj) if readonly and isinstance(obj, bytearray) else obj
             for obj, size, readonly in self._bufs
         ]
         self._bufs = []
@@ -559,6 +561,7 @@ _OWN_FRAMES = {outcome_of.__code__}
 def rebuilt_exception(
     body: memoryview,
     buffers: list[Any],
+    *,
     name: str,
     message: str,
     text: str,
@@ -596,7 +599,9 @@ def result_of(
                 f"({type_name(exc)}: {exc}); return a type the parent can import"
             ) from exc
     if kind == "raised":
-        raise rebuilt_exception(body, inc.objects, name, meta[2], meta[3], usage)
+        raise rebuilt_exception(
+            body, inc.objects, name=name, message=meta[2], text=meta[3], usage=usage
+        )
     error: pickle.PickleError
     if kind == "unpicklable":
         error = pickle.PicklingError(
@@ -627,7 +632,9 @@ def died(
 ) -> ProcessDied:
     """The error for a child that exited without a complete outcome."""
     if started:
-        message = f"{what} {pid} running {describe(func)} {how_it_ended(code)} before returning a result"
+        message = (
+            f"{what} {pid} running {describe(func)} {how_it_ended(code)} before returning a result"
+        )
     else:
         message = f"{what} {pid} {how_it_ended(code)} before it started running {describe(func)}"
         if method in ("spawn", "forkserver"):

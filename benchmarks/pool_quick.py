@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from concurrent.futures import ProcessPoolExecutor
 import functools
 import math
 import multiprocessing
@@ -28,7 +27,8 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import anyio
@@ -63,7 +63,7 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-Call = Callable[..., Awaitable[Any]]
+Call = Callable[..., Coroutine[Any, Any, Any]]
 
 
 async def _measure(call: Call, calls: int, concurrent: int, me: Any) -> dict[str, float]:
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=2000)
     parser.add_argument("--skip-payloads", action="store_true")
     opts = parser.parse_args()
-    from benchmarks import pool_quick as me  # functions the workers can import by name
+    from benchmarks import pool_quick as me  # noqa: PLW0406 - functions workers import by name
 
     rows: dict[str, dict[str, float]] = {}
     rows["anyio.to_process"] = anyio.run(anyio_case, opts.calls, opts.concurrent, me)
@@ -190,18 +190,15 @@ def main() -> None:
     keys = list(dict.fromkeys(k for row in rows.values() for k in row))
     print(f"{'':28}" + "".join(f"{k:>22}" for k in rows))
     for k in keys:
-        cells = "".join(
-            f"{rows[r][k]:>22.3f}" if k in rows[r] else f"{'':>22}" for r in rows
-        )
+        cells = "".join(f"{rows[r][k]:>22.3f}" if k in rows[r] else f"{'':>22}" for r in rows)
         print(f"{k:28}{cells}")
     peers = [rows["anyio.to_process"], rows["ProcessPoolExecutor"]]
     best_p50 = min(p["p50 ms"] for p in peers)
     best_p99 = min(p["p99 ms"] for p in peers)
     best_rate = max(p["calls/s"] for p in peers)
     best_cpu = min(p["CPU ms/call conc"] for p in peers)
-    for r in rows:
+    for r, row in rows.items():
         if r.startswith("Pool"):
-            row = rows[r]
             print(
                 f"{r}: p50 {row['p50 ms'] / best_p50:.2f}x best peer (target <= 0.8), "
                 f"p99 {row['p99 ms'] / best_p99:.2f}x (<= 1.0), "
