@@ -38,7 +38,9 @@ value or the call could not cross.  ``outcome_of`` makes it in the child,
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copyreg
 import errno
 import fcntl
 import functools
@@ -179,11 +181,20 @@ def _marked(obj: object) -> object:
     return obj
 
 
-class _Pickler(ForkingPickler):
+class _Pickler(pickle.Pickler):
+    """multiprocessing's pickler (its reducers for connections, sockets...), protocol 5.
+
+    Its table is a live view of copyreg's and multiprocessing's, built once
+    rather than copied per pickler as ``ForkingPickler`` does.
+    """
+
+    dispatch_table = collections.ChainMap(
+        ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
+        copyreg.dispatch_table,
+    )
+
     def __init__(self, file: io.BytesIO, buffers: list[pickle.PickleBuffer]) -> None:
-        pickle.Pickler.__init__(self, file, _PROTOCOL, buffer_callback=buffers.append)
-        self.dispatch_table = ForkingPickler._copyreg_dispatch_table.copy()  # type: ignore[attr-defined]
-        self.dispatch_table.update(ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
+        super().__init__(file, _PROTOCOL, buffer_callback=buffers.append)
 
 
 def dumps(obj: object) -> tuple[bytes, list[pickle.PickleBuffer]]:
@@ -256,9 +267,12 @@ def pipe(user: str) -> tuple[Connection, Connection]:
 # -- frames -------------------------------------------------------------------------------
 
 
+_NONE = pickle.dumps(None, _PROTOCOL)
+
+
 def frame(meta: object, body: bytes = b"", buffers: list[pickle.PickleBuffer] = ()) -> list[Any]:  # type: ignore[assignment]
     """The parts of a frame, ready for ``writev``."""
-    meta_bytes = pickle.dumps(meta, _PROTOCOL)
+    meta_bytes = _NONE if meta is None else pickle.dumps(meta, _PROTOCOL)
     if not buffers:
         return [HEADER.pack(len(meta_bytes), len(body), 0) + meta_bytes, body]
     raws = [buf.raw() for buf in buffers]
