@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -208,3 +209,77 @@ async def test_died_before_starting_is_not_the_functions_fault() -> None:
     with anyio.fail_after(DEADLINE), pytest.raises(ProcessDied) as info:
         await aioproc.run(targets.hard_exit, 5, context="spawn")
     assert "running hard_exit() exited with code 5 before returning a result" in str(info.value)
+
+
+# -- payloads: out of band, both ways ---------------------------------------------------
+
+
+def same(value: object) -> object:
+    return value
+
+
+@pytest.mark.parametrize("context", ["fork", "forkserver", "spawn"])
+async def test_big_payloads_both_ways(context: str) -> None:
+    size = 100 << 20
+    data = targets.pattern(size)
+    with anyio.fail_after(DEADLINE):
+        assert await aioproc.run(len, data, context=context) == size
+        back = await aioproc.run(bytearray, memoryview(data), context=context)
+        assert type(back) is bytearray
+        assert back == data
+        del back
+        view = memoryview(bytearray(data[: 1 << 20])).cast("I")
+        echoed = await aioproc.run(same, view, context=context)
+        assert isinstance(echoed, memoryview)
+        assert (echoed.format, echoed.tobytes()) == ("I", view.tobytes())
+
+
+# -- Pool workers die with the parent ---------------------------------------------------
+
+
+def kill_parent_then_sleep(seconds: float) -> None:
+    """Print our pid, SIGKILL our parent (the pool's process), then sleep: a busy worker."""
+    print(os.getpid(), flush=True)
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(seconds)
+
+
+ORPHAN_POOL_SCRIPT = """
+import sys
+import anyio
+import aioproc
+from tests import test_run_more
+
+async def main(context):
+    async with aioproc.Pool(2, context=context) as pool:
+        await pool.run(test_run_more.kill_parent_then_sleep, 60)
+
+if __name__ == "__main__":
+    anyio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_pool_workers_die_with_the_parent(context: str, tmp_path: Path) -> None:
+    script = tmp_path / "orphan_pool.py"
+    script.write_text(ORPHAN_POOL_SCRIPT)
+    with reaping_orphans():
+        out = subprocess.run(
+            [sys.executable, str(script), context],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=DEADLINE,
+        )
+        assert out.returncode == -9, out.stderr
+        pid = int(out.stdout.split()[0])
+        fd = None
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pass
+        if fd is not None:
+            try:
+                assert select.select([fd], [], [], DEADLINE)[0], f"worker {pid} outlived its parent"
+            finally:
+                os.close(fd)
