@@ -188,9 +188,9 @@ class _Pickler(pickle.Pickler):
     rather than copied per pickler as ``ForkingPickler`` does.
     """
 
-    dispatch_table = collections.ChainMap(
+    dispatch_table = collections.ChainMap(  # noqa: RUF012 - shared on purpose
         ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
-        copyreg.dispatch_table,
+        copyreg.dispatch_table,  # type: ignore[arg-type]
     )
 
     def __init__(self, file: io.BytesIO, buffers: list[pickle.PickleBuffer]) -> None:

@@ -59,7 +59,7 @@ async def test_leftover_child_does_not_hold_the_value_and_is_killed(context: str
         value, grandchild = await aioproc.run(leave_a_child_and_return, 8, context=context)
     assert value == 8
     with anyio.fail_after(DEADLINE):
-        while pid_exists(grandchild):  # noqa: ASYNC110 - reaped by init, not by us
+        while pid_exists(grandchild):
             await anyio.sleep(0.01)
 
 
@@ -81,12 +81,14 @@ async def test_run_with_few_descriptors_left(context: str) -> None:
                 with anyio.fail_after(DEADLINE):
                     assert await aioproc.run(targets.add, 1, 2, context=context) == 3
             except OSError as exc:
-                assert "RLIMIT_NOFILE" in str(exc), exc
-                messages.add(str(exc).split(":")[0])
+                messages.add(str(exc))
         gc.collect()
         assert open_fds() == before, f"{free} free descriptors"
         assert children_of_this_process() == children
-    assert "[Errno 24] run() could not create a pipe to its child" in messages
+    assert all("RLIMIT_NOFILE" in message for message in messages), messages
+    assert any(
+        m.startswith("[Errno 24] run() could not create a pipe to its child") for m in messages
+    )
 
 
 async def test_pool_with_no_descriptor_left() -> None:
@@ -99,7 +101,7 @@ async def test_pool_with_no_descriptor_left() -> None:
 # -- 6 and 9: Ctrl-C under trio, a spawn child without the __main__ guard ---------------
 
 CTRL_C_SCRIPT = """
-import os, sys
+import multiprocessing, os, sys
 import anyio
 import aioproc
 from tests import test_run_more
@@ -117,7 +119,7 @@ if __name__ == "__main__":
         print("KeyboardInterrupt", flush=True)
     except BaseException as exc:
         print("other:", repr(exc), flush=True)
-    print("children:", aioproc.AsyncProcess and len(__import__("multiprocessing").active_children()))
+    print("children:", len(multiprocessing.active_children()))
 """
 
 
