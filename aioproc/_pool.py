@@ -76,7 +76,13 @@ import anyio.abc
 import anyio.lowlevel
 
 from . import _run, _wire
-from ._exceptions import InitializerError, PoolClosed, ProcessTimeout, UnkillableProcessWarning
+from ._exceptions import (
+    ExitStatusLost,
+    InitializerError,
+    PoolClosed,
+    ProcessTimeout,
+    UnkillableProcessWarning,
+)
 from ._poolworker import worker_main
 from ._process import AsyncProcess, _check_timeout, _resolve_context
 from ._tree import PDEATHSIG_SUPPORTED
@@ -222,6 +228,7 @@ class Pool:
         self._maps: set[_MapState[Any]] = set()
         self._tasks = 0
         self._tasks_done: anyio.Event | None = None
+        self._shutting_down = False
         self._quiet: anyio.Event | None = None  # set when no call is in progress
         self._gone: anyio.Event | None = None  # set when no worker is left
 
@@ -266,15 +273,20 @@ class Pool:
                     graceful = False
                     raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._shut_down(graceful)
-            self._state = "closed"
-            # Every task of the group has ended: this returns at once, and the
-            # exception that ends the block is left as it is, never wrapped.
-            await tg.__aexit__(None, None, None)
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._shut_down(graceful)
+            finally:
+                self._state = "closed"
+                if self._tasks:  # only if the shut-down failed: let the group end them
+                    tg.cancel_scope.cancel()
+                # Every task of the group has ended: this returns at once, and the
+                # exception that ends the block is left as it is, never wrapped.
+                await tg.__aexit__(None, None, None)
 
     async def _shut_down(self, graceful: bool) -> None:
         """Tell every worker to exit (stop the busy ones unless *graceful*); wait for them."""
+        self._shutting_down = True
         for waiter in self._waiters:
             waiter.granted = "closed"
             waiter.event.set()
@@ -356,6 +368,18 @@ class Pool:
             req_r.close()
             res_w.close()
         w = _Worker(proc, req_w, res_r)
+        if self._shutting_down:  # the pool closed while this worker started
+            with anyio.CancelScope(shield=True):
+                proc.kill()
+                await proc.join(_run._KILL_WAIT)
+            if proc.exitcode is None:
+                _run._adopt(proc)
+            else:
+                proc.close()
+            req_w.close()
+            res_r.close()
+            self._slot_freed()
+            raise PoolClosed("the pool closed while this call started a worker for it")
         _parent_ends.update((w.req_fd, w.res_fd))
         self._all.add(w)
         assert self._tg is not None
@@ -382,31 +406,34 @@ class Pool:
             return  # a straggler, adopted by run's machinery
 
     async def _join(self, w: _Worker, proc: AsyncProcess, idle_timeout: float | None) -> None:
-        try:
-            while True:
+        code: int | None = None
+        delay = 0.01
+        while True:
+            try:
                 code = await proc.join(idle_timeout)
-                if code is not None:
-                    break
-                if (
-                    idle_timeout is not None
-                    and w in self._idle
-                    and anyio.current_time() - w.idle_since >= idle_timeout
-                ):
-                    self._idle.remove(w)
-                    self._retire(w)
-        except Exception as exc:  # lost status, descriptors: the worker is gone for us
-            code = None
-            with contextlib.suppress(Exception):
-                code = proc.exitcode
-            if code is None:
-                warnings.warn(
-                    f"aioproc.Pool lost track of worker {w.pid}: {exc!r}",
-                    RuntimeWarning,
-                    stacklevel=1,
-                )
+            except ExitStatusLost:
+                break  # reaped by someone else: the call running on it says so
+            except Exception:
+                # The watch could not be set up (out of descriptors): stop the worker,
+                # and try again until its exit can be seen.
+                with contextlib.suppress(Exception):
+                    proc.kill()
+                await anyio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                continue
+            if code is not None:
+                break
+            if (
+                idle_timeout is not None
+                and w in self._idle
+                and anyio.current_time() - w.idle_since >= idle_timeout
+            ):
+                self._idle.remove(w)
+                self._retire(w)
         w.exitcode = code
         with contextlib.suppress(Exception):
             w.usage = proc.resource_usage
+        with contextlib.suppress(Exception):
             proc.close()
         self._slot_freed(w)
         w.exited.set()
@@ -552,6 +579,7 @@ class Pool:
             ) from exc
         parts = _wire.frame(None, body, buffers)
         del body, buffers
+        await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: send nothing
         self._busy += 1
         try:
             w = await self._acquire()
@@ -628,11 +656,12 @@ class Pool:
         if inc.complete:
             meta, w.clean = inc.meta()
             return _wire.result_of(func, w.pid, inc, w.usage, meta)  # type: ignore[no-any-return]
-        code = w.exitcode if w.exitcode is not None else -9
+        if w.exitcode is None:  # something else in the program reaped it
+            raise ExitStatusLost(w.pid)
         raise _wire.died(
             func,
             w.pid,
-            code,
+            w.exitcode,
             w.usage,
             started=hello is None or hello.complete,
             method=self._method,
@@ -734,6 +763,7 @@ class Pool:
     async def _map(
         self, func: Callable[[Any], T], items: Any, limit: float | None, ordered: bool
     ) -> AsyncIterator[T]:
+        self._check_open()  # again: the first item is asked for later
         state: _MapState[T] = _MapState(2 * self._workers, ordered)
         assert self._tg is not None
         self._maps.add(state)

@@ -744,3 +744,61 @@ async def test_big_arguments_and_results(context: str) -> None:
             assert type(round_trip) is memoryview
             assert round_trip.format == "I"
             assert round_trip.tobytes() == view.tobytes()
+
+
+# -- hostile conditions ------------------------------------------------------------------------
+
+
+def ready_then_exit(path: str, seconds: float, code: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    os._exit(code)
+
+
+async def test_worker_reaped_by_someone_else(tmp_path: Path) -> None:
+    """A foreign waitpid takes the worker's status: ExitStatusLost, and the pool goes on."""
+    outcome: list[BaseException] = []
+    with anyio.fail_after(DEADLINE), fifo(tmp_path) as (path, fd):
+        async with aioproc.Pool(1) as pool:
+
+            async def call() -> None:
+                try:
+                    await pool.run(ready_then_exit, path, 0.2, 3)
+                except aioproc.ExitStatusLost as exc:
+                    outcome.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                (pid,) = await ready(fd)
+                assert os.waitpid(pid, 0)[0] == pid  # blocks the loop for 0.2 s at most
+            (err,) = outcome
+            assert f"child pid {pid} was consumed by someone else" in str(err)
+            assert await pool.run(targets.add, 1, 2) == 3
+
+
+async def test_already_cancelled_call_sends_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    with anyio.fail_after(DEADLINE):
+        async with aioproc.Pool(1) as pool:
+            pid = await pool.run(targets.getpid)
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await pool.run(append_to, str(log), "no")
+            assert await pool.run(targets.getpid) == pid  # the worker was not stopped
+    assert not log.exists()
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+async def test_cancellation_at_any_moment_leaves_a_working_pool(context: str) -> None:
+    """Cancel calls after 0 to 30 ms: while waiting, starting a worker, sending, running."""
+    with anyio.fail_after(DEADLINE):
+        async with aioproc.Pool(2, context=context) as pool:
+            for i in range(40):
+                with anyio.move_on_after(i * 0.00075):
+                    async with anyio.create_task_group() as tg:
+                        for _ in range(3):
+                            tg.start_soon(pool.run, targets.sleep_and_return, 0.01)
+                assert len(workers_of_this_process()) <= 2 or context != "fork"
+            assert await pool.run(targets.add, 1, 2) == 3
+    assert workers_of_this_process() == set()
