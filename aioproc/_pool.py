@@ -204,6 +204,7 @@ def _readable_for(fd: int) -> _Readable:
 
 class _Worker:
     __slots__ = (
+        "busy",
         "calls",
         "clean",
         "exitcode",
@@ -232,6 +233,7 @@ class _Worker:
         os.set_blocking(self.req_fd, False)
         os.set_blocking(self.res_fd, False)
         self.ready = False
+        self.busy = False  # a call holds it (and reads its pipe)
         self.clean = True
         self.calls = 0
         self.idle_since = 0.0
@@ -241,7 +243,9 @@ class _Worker:
         self.exited = anyio.Event()
         self.exitcode: int | None = None
         self.usage: ResourceUsage | None = None
-        self.watch_scope = anyio.CancelScope()
+        # Shielded: the pool's group lives inside its user's scopes, whose cancellation
+        # must not stop the watching (closing waits for the exits it reports).
+        self.watch_scope = anyio.CancelScope(shield=True)
         self.readable = _readable_for(self.res_fd)
 
 
@@ -385,7 +389,7 @@ class Pool:
         for w in list(self._all):
             if w.exited.is_set():
                 continue
-            if w.scope is not None and not graceful:  # busy: its call raises PoolClosed
+            if w.busy and not graceful:  # its call raises PoolClosed
                 w.stopped_by_pool = True
                 w.proc.terminate()
             else:
@@ -526,9 +530,10 @@ class Pool:
             proc.close()
         self._slot_freed(w)
         w.exited.set()
-        w.readable.wake()  # the call running on it reads what is left, and raises
-        if w.scope is not None:
-            w.scope.cancel()
+        if w.busy:  # the call running on it reads what is left, and raises
+            w.readable.wake()
+            if w.scope is not None:
+                w.scope.cancel()
         else:
             self._forget(w)
 
@@ -690,6 +695,7 @@ class Pool:
         inc = _wire.Incoming()
         hello = None if w.ready else _wire.Incoming()
         small = len(parts) == 2 and len(parts[0]) + len(parts[1]) <= _SMALL
+        w.busy = True
         try:
             if limit is None and small:
                 # The common case: no deadline, a request the empty pipe takes at
@@ -709,11 +715,12 @@ class Pool:
                         w, parts, small=small, hello=hello, inc=inc, limit=limit, func=func
                     )
         except BaseException:
-            w.scope = None
+            w.scope, w.busy = None, False
             with anyio.CancelScope(shield=True):
                 await self._stop(w)
             raise
-        w.scope = None
+        # From here on, no await until the call is done with the pipes (or stops the worker).
+        w.scope, w.busy = None, False
         if not w.exited.is_set() and inc.complete:
             meta, w.clean = inc.meta()
             self._release(w)
@@ -829,7 +836,7 @@ class Pool:
 
     def _forget_soon(self, w: _Worker) -> None:
         """The worker is exiting on its own (its initializer failed)."""
-        w.scope = None
+        w.scope, w.busy = None, False
         self._slot_freed(w)
         if w.exited.is_set():
             self._forget(w)
@@ -837,7 +844,7 @@ class Pool:
 
     async def _stop(self, w: _Worker) -> str:
         """Stop a busy worker: SIGTERM to its group, grace, SIGKILL, a bounded wait."""
-        w.scope = None
+        w.scope, w.busy = None, False
         self._slot_freed(w)
         done = "it was found exited"
         if not w.exited.is_set():
