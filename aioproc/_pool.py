@@ -55,8 +55,16 @@ waits for them (``grace``, then SIGKILL).  Leaving it by an exception or a
 cancellation stops every busy worker at once (their calls raise
 ``PoolClosed``), tells idle ones to exit, and waits for all of them the same
 bounded way.  A worker that survives SIGKILL is reported and reaped later, as
-``run`` does.  Calls need no task of their own: a call costs a frame write, a
-wait on the result pipe and a frame read, plus a cancel scope.
+``run`` does.  The watchers are shielded: the pool's task group lives inside the
+scopes of the code that entered it, and a cancellation there must not stop
+the watching that closing relies on.
+
+Cost of a call.  Calls need no task of their own: a frame write (one
+``writev``), a wait on the result pipe, a frame read.  The wait is woken by the
+pipe or, if the worker exits, by its watcher (``_Readable.wake``); a cancel
+scope is entered only for a call with a timeout or a large request.  On
+asyncio and uvloop the result pipe stays registered with the loop while calls
+wait on it, instead of being added and removed per wait.
 """
 
 from __future__ import annotations
@@ -779,8 +787,15 @@ class Pool:
         """Send the request, read the answer (and first "ready"); return early if the
         worker exits."""
         try:
-            if not small or os.writev(w.req_fd, parts) < len(parts[0]) + len(parts[1]):
-                await _wire.send(w.req_fd, parts)  # (a small request is never cut)
+            written = 0
+            if small:
+                # An idle worker's pipe is empty: a small request goes in one call.
+                with contextlib.suppress(BlockingIOError):
+                    written = os.writev(w.req_fd, parts)
+                if written < len(parts[0]) + len(parts[1]):  # pragma: no cover - defensive
+                    await _wire.send(w.req_fd, [b"".join(parts)[written:]])
+            else:
+                await _wire.send(w.req_fd, parts)
         except BrokenPipeError:
             await w.exited.wait()  # it died; its exit says the rest
             return

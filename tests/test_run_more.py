@@ -108,13 +108,17 @@ from tests import test_run_more
 
 pid = None
 
-async def main(context):
-    await aioproc.run(test_run_more.interrupt_parent_then_sleep, 60, context=context)
+async def main(context, how):
+    if how == "run":
+        await aioproc.run(test_run_more.interrupt_parent_then_sleep, 60, context=context)
+    else:
+        async with aioproc.Pool(1, context=context) as pool:
+            await pool.run(test_run_more.interrupt_parent_then_sleep, 60)
 
 if __name__ == "__main__":
-    backend, context = sys.argv[1:]
+    backend, context, how = sys.argv[1:]
     try:
-        anyio.run(main, context, backend=backend)
+        anyio.run(main, context, how, backend=backend)
     except KeyboardInterrupt:
         print("KeyboardInterrupt", flush=True)
     except BaseException as exc:
@@ -129,17 +133,18 @@ def interrupt_parent_then_sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
+@pytest.mark.parametrize("how", ["run", "pool"])
 @pytest.mark.parametrize(
     ("backend", "context"), [("trio", "fork"), ("trio", "spawn"), ("asyncio", "fork")]
 )
 def test_ctrl_c_during_run_is_a_plain_keyboard_interrupt(
-    backend: str, context: str, tmp_path: Path
+    backend: str, context: str, how: str, tmp_path: Path
 ) -> None:
     script = tmp_path / "ctrl_c.py"
     script.write_text(CTRL_C_SCRIPT)
     with reaping_orphans():
         out = subprocess.run(
-            [sys.executable, str(script), backend, context],
+            [sys.executable, str(script), backend, context, how],
             capture_output=True,
             text=True,
             cwd=REPO,
