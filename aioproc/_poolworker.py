@@ -111,6 +111,7 @@ def worker_main(
     ignore_sigint()
     subreaper = _become_subreaper()
     rfd, wfd = requests.fileno(), results.fileno()
+    me = os.getpid()
     if initializer is not None:
         try:
             initializer(*initargs)
@@ -133,6 +134,8 @@ def worker_main(
             del inc
             outcome = _wire.outcome_of(func, args)
             del func, args
+            if os.getpid() != me:  # a copy the function forked, returning: not ours to answer
+                os._exit(0)
         clean = end_leftovers(subreaper)
         meta, body, buffers = outcome
         del outcome

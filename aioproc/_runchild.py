@@ -120,8 +120,11 @@ def child_main(send: Connection, call: Call) -> None:
         outcome = _wire.unloadable_outcome(exc)
     else:
         del call
+        me = os.getpid()
         outcome = _wire.outcome_of(func, args)
         del func, args
+        if os.getpid() != me:  # a copy the function forked, returning: not ours to answer
+            os._exit(0)
     try:
         _wire.write_blocking(fd, _wire.frame(*outcome))
     except BrokenPipeError:

@@ -808,3 +808,19 @@ async def test_cancellation_at_any_moment_leaves_a_working_pool(context: str) ->
                 assert len(workers_of_this_process()) <= 2 or context != "fork"
             assert await pool.run(targets.add, 1, 2) == 3
     assert workers_of_this_process() == set()
+
+
+def fork_and_return() -> int:
+    """Fork, and return in both copies: only the worker's own answer may arrive."""
+    child = os.fork()
+    return child
+
+
+async def test_a_forked_copy_of_the_worker_does_not_answer() -> None:
+    with anyio.fail_after(DEADLINE):
+        async with aioproc.Pool(1) as pool:
+            for _ in range(3):
+                child = await pool.run(fork_and_return)
+                assert child > 0  # the worker's answer, not the copy's (0)
+                assert reaped(child)
+            assert await pool.run(targets.add, 1, 2) == 3

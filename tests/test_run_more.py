@@ -290,3 +290,13 @@ def test_pool_workers_die_with_the_parent(context: str, tmp_path: Path) -> None:
                 assert select.select([fd], [], [], DEADLINE)[0], f"worker {pid} outlived its parent"
             finally:
                 os.close(fd)
+
+
+def fork_and_return() -> int:
+    return os.fork()
+
+
+async def test_a_forked_copy_of_the_child_does_not_answer() -> None:
+    with anyio.fail_after(DEADLINE):
+        for _ in range(3):
+            assert await aioproc.run(fork_and_return, context="fork") > 0
