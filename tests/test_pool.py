@@ -812,8 +812,7 @@ async def test_cancellation_at_any_moment_leaves_a_working_pool(context: str) ->
 
 def fork_and_return() -> int:
     """Fork, and return in both copies: only the worker's own answer may arrive."""
-    child = os.fork()
-    return child
+    return os.fork()
 
 
 async def test_a_forked_copy_of_the_worker_does_not_answer() -> None:
