@@ -2,13 +2,19 @@
 
 Theory of operation.  ``run`` is a thin layer over ``AsyncProcess``.
 
-The child runs ``child_main``: it lets Ctrl-C pass (the parent decides), calls
-the function and writes one message on a pipe: a 16-byte header with two
-lengths, a small pickled *meta* tuple that says what happened (made of strings
-only, so that the parent can always read it) and a *body*, the pickled value or
-exception (empty when it could not be pickled).  Because the type's name and
-the traceback text travel in the meta, a value or an exception that cannot be
-pickled, or unpickled in the parent, still comes back with a name.
+The child runs ``child_main``: it lets Ctrl-C pass (the parent decides), says
+"started", calls the function and writes its outcome, as two frames on a pipe
+(see ``_wire``: a small pickled *meta* that says what happened, made of strings
+only so that the parent can always read it, and a *body*, the pickled value or
+exception, its large buffers out of band).  Because the type's name and the
+traceback text travel in the meta, a value or an exception that cannot be
+pickled, or unpickled in the parent, still comes back with a name.  A child
+that dies before "started" never ran the function (a spawn child that failed
+in the main module, say), and the error says so.  Then the child exits at once,
+without waiting for threads or processes the function left behind (its group
+is killed as it exits).  A fork child inherits the function and its arguments;
+a spawn or forkserver child reads them as a frame on a pipe of its own, which
+the parent writes once the child exists, as the pipe drains.
 
 The parent reads the pipe without blocking, woken by ``anyio.wait_readable``,
 in a task beside the one that joins the process.  Draining while joining is
@@ -17,7 +23,8 @@ pipe never exits, so a parent that joined first and read afterwards would wait
 forever.  Once the child has exited, everything it wrote is in the pipe, and
 one last non-blocking read collects it; the message is complete or it is not.
 No end-of-file is needed, so a grandchild that inherited the write end cannot
-hold ``run`` up.
+hold ``run`` up.  The task group of the two never wraps what it raises: a
+KeyboardInterrupt that trio delivers there leaves ``run`` as it is.
 
 Stopping a child (timeout, cancellation, an error) is shielded and bounded:
 SIGTERM, ``grace`` seconds, SIGKILL, ``_KILL_WAIT`` seconds.  A child still
@@ -89,9 +96,6 @@ DEFAULT_GRACE = 1.0
 # takes effect at once unless the child is stuck in the kernel; a child with
 # a large address space can take a while to tear down, hence not less.
 _KILL_WAIT = 5.0
-
-_BIG = 1 << 20  # a result larger than this gets a larger pipe (Linux)...
-_BIG_PIPE = 1 << 20  # ... this large: the default limit for unprivileged users
 
 
 # -- the parent's side ------------------------------------------------------------
