@@ -500,7 +500,7 @@ class Pool:
     async def _watch(self, w: _Worker) -> None:
         """Join the worker; retire it when idle too long; clean up after it."""
         proc = w.proc
-        idle_timeout = self._idle_timeout
+        idle_timeout = self._idle_timeout or None  # 0: retired at once by _release
         with w.watch_scope:
             await self._join(w, proc, idle_timeout)
         if w.watch_scope.cancelled_caught:
@@ -610,7 +610,11 @@ class Pool:
     def _release(self, w: _Worker, *, used: bool = True) -> None:
         """A call is done with a live worker: hand it on, keep it, or retire it."""
         w.calls += used
-        if not w.clean or (self._max_tasks is not None and w.calls >= self._max_tasks):
+        if (
+            not w.clean
+            or self._idle_timeout == 0
+            or (self._max_tasks is not None and w.calls >= self._max_tasks)
+        ):
             self._retire(w)
         elif self._waiters:
             waiter = self._waiters.popleft()

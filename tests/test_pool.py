@@ -823,3 +823,11 @@ async def test_a_forked_copy_of_the_worker_does_not_answer() -> None:
                 assert child > 0  # the worker's answer, not the copy's (0)
                 assert reaped(child)
             assert await pool.run(targets.add, 1, 2) == 3
+
+
+async def test_idle_timeout_zero_retires_a_worker_once_it_is_free() -> None:
+    with anyio.fail_after(DEADLINE):
+        async with aioproc.Pool(1, idle_timeout=0) as pool:
+            first = await pool.run(targets.getpid)
+            await until_gone(first)
+            assert await pool.run(targets.getpid) != first
