@@ -204,9 +204,31 @@ class _AsyncioReadable(_Readable):
             self._registered = False
 
 
+class _TrioReadable(_Readable):
+    """The same on trio, without a cancel scope per wait: ``wake()`` is trio's
+    ``notify_closing``, which wakes the waiter with ClosedResourceError (the pipe
+    is not closed: what the worker wrote before it exited is still read)."""
+
+    __slots__ = ()
+
+    async def wait(self) -> None:
+        if self._woken:
+            await anyio.lowlevel.checkpoint()
+            return
+        with contextlib.suppress(anyio.ClosedResourceError):
+            await anyio.wait_readable(self._fd)
+
+    def wake(self) -> None:
+        self._woken = True
+        anyio.notify_closing(self._fd)
+
+
 def _readable_for(fd: int) -> _Readable:
-    if sniffio.current_async_library() == "asyncio":
+    library = sniffio.current_async_library()
+    if library == "asyncio":
         return _AsyncioReadable(fd)
+    if library == "trio":
+        return _TrioReadable(fd)
     return _Readable(fd)
 
 
