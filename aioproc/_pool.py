@@ -338,6 +338,17 @@ class Pool:
             raise TypeError(
                 f"initargs must be a tuple (or another iterable), not {type(initargs).__name__}"
             ) from None
+        if initializer is not None and self._method != "fork":
+            try:
+                _wire.dumps_call(initializer, self._initargs)
+            except Exception as exc:
+                raise _wire.unpicklable_call(
+                    initializer,
+                    self._initargs,
+                    exc,
+                    to=f"a {self._method} pool worker",
+                    fix=" as the initializer and its initargs, or use context='fork'",
+                ) from exc
         self._grace = _run._check_grace(grace)
         self._die_with_parent = PDEATHSIG_SUPPORTED and self._method != "forkserver"
         self._state = "new"  # -> open -> closing -> closed

@@ -621,6 +621,16 @@ async def test_a_pool_belongs_to_one_event_loop() -> None:
         assert str(err).startswith("this Pool belongs to the event loop that entered it")
 
 
+def test_unpicklable_initializer_is_refused_at_once() -> None:
+    with pytest.raises(
+        pickle.PicklingError, match=r"^cannot send argument 0 of remember\(\) .* to a spawn pool"
+    ):
+        aioproc.Pool(1, context="spawn", initializer=remember, initargs=(threading.Lock(),))
+    with pytest.raises(pickle.PicklingError, match=r"^cannot send the function <function"):
+        aioproc.Pool(1, context="forkserver", initializer=lambda: None)
+    aioproc.Pool(1, context="fork", initializer=lambda: None)  # fork: inherited
+
+
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
