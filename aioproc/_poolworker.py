@@ -11,6 +11,7 @@ import multiprocessing.resource_tracker
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -19,6 +20,8 @@ from . import _wire
 from ._runchild import exit_now, ignore_sigint
 
 _PR_SET_CHILD_SUBREAPER = 36
+#: Seconds to wait for what a call left to die once SIGKILLed.
+_REAP_WAIT = 5.0
 
 
 def _become_subreaper() -> bool:
@@ -92,9 +95,29 @@ def end_leftovers(subreaper: bool) -> bool:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        if not _reap(pids):
+            return False  # one is stuck in the kernel: this worker is replaced
+
+
+def _reap(pids: set[int]) -> bool:
+    """Reap *pids*, SIGKILLed; False if one is still there after ``_REAP_WAIT`` s."""
+    deadline = time.monotonic() + _REAP_WAIT
+    delay = 0.0001
+    left = set(pids)
+    while left:
+        for pid in list(left):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            except ChildProcessError:
+                pass  # reaped by someone else (a SIGCHLD handler of the function's)
+            left.discard(pid)
+        if left:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(delay)  # SIGKILLed processes go within microseconds
+            delay = min(2 * delay, 0.01)
+    return True
 
 
 def worker_main(
