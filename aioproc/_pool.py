@@ -83,7 +83,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import sniffio
 
 from . import _run, _wire
 from ._exceptions import (
@@ -223,11 +222,17 @@ class _TrioReadable(_Readable):
         anyio.notify_closing(self._fd)
 
 
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio (or uvloop) loop; None under another backend."""
+    native = anyio.lowlevel.current_token().native_token
+    return native if isinstance(native, asyncio.AbstractEventLoop) else None
+
+
 def _readable_for(fd: int) -> _Readable:
-    library = sniffio.current_async_library()
-    if library == "asyncio":
+    native = anyio.lowlevel.current_token().native_token
+    if isinstance(native, asyncio.AbstractEventLoop):
         return _AsyncioReadable(fd)
-    if library == "trio":
+    if type(native).__module__.split(".", 1)[0] == "trio":
         return _TrioReadable(fd)
     return _Readable(fd)
 
@@ -387,9 +392,7 @@ class Pool:
             )
         self._token = anyio.lowlevel.current_token()
         # On asyncio the running loop tells the same, for a twentieth of the cost.
-        self._loop = (
-            asyncio.get_running_loop() if sniffio.current_async_library() == "asyncio" else None
-        )
+        self._loop = _asyncio_loop()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
