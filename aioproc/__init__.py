@@ -16,6 +16,8 @@ from ._process import AsyncProcess as AsyncProcess
 
 if TYPE_CHECKING:
     from ._exceptions import ExitStatusLost as ExitStatusLost
+    from ._exceptions import InitializerError as InitializerError
+    from ._exceptions import PoolClosed as PoolClosed
     from ._exceptions import ProcessDied as ProcessDied
     from ._exceptions import ProcessError as ProcessError
     from ._exceptions import ProcessTimeout as ProcessTimeout
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from ._exceptions import RemoteTraceback as RemoteTraceback
     from ._exceptions import UnkillableProcessWarning as UnkillableProcessWarning
     from ._exceptions import WatcherUnavailable as WatcherUnavailable
+    from ._pool import Pool as Pool
     from ._run import run as run
     from ._usage import ResourceUsage as ResourceUsage
     from ._watchers import get_watcher as get_watcher
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "ExitStatusLost": "._exceptions",
+    "InitializerError": "._exceptions",
+    "Pool": "._pool",
+    "PoolClosed": "._exceptions",
     "ProcessDied": "._exceptions",
     "ProcessError": "._exceptions",
     "ProcessTimeout": "._exceptions",
@@ -46,6 +52,9 @@ _WHERE = {
 __all__ = [
     "AsyncProcess",
     "ExitStatusLost",
+    "InitializerError",
+    "Pool",
+    "PoolClosed",
     "ProcessDied",
     "ProcessError",
     "ProcessTimeout",

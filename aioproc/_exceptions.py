@@ -159,3 +159,25 @@ class UnkillableProcessWarning(RuntimeWarning):
     propagate.  The child is not forgotten: aioproc reaps it at the next
     ``aioproc.run()`` call, or waits a bounded time for it at interpreter exit.
     """
+
+
+# -- aioproc.Pool -----------------------------------------------------------------
+
+
+class InitializerError(ProcessError):
+    """Raised by ``Pool.run`` when the pool's *initializer* raised in a new worker.
+
+    The call that needed the worker fails with this error; its ``__cause__`` is
+    the initializer's exception (same type, with the worker's traceback as its
+    own ``__cause__``).  The worker has exited; the pool does not start another
+    one until a call needs it, so a broken initializer never loops.
+    """
+
+
+class PoolClosed(RuntimeError):
+    """Raised by ``Pool.run`` and ``Pool.map`` for a pool that is not open.
+
+    Before ``async with``, after it, or while it closes; and for a call still
+    running when the ``async with`` block ended by an exception or a
+    cancellation (its worker was stopped).
+    """

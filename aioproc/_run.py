@@ -2,13 +2,19 @@
 
 Theory of operation.  ``run`` is a thin layer over ``AsyncProcess``.
 
-The child runs ``child_main``: it lets Ctrl-C pass (the parent decides), calls
-the function and writes one message on a pipe: a 16-byte header with two
-lengths, a small pickled *meta* tuple that says what happened (made of strings
-only, so that the parent can always read it) and a *body*, the pickled value or
-exception (empty when it could not be pickled).  Because the type's name and
-the traceback text travel in the meta, a value or an exception that cannot be
-pickled, or unpickled in the parent, still comes back with a name.
+The child runs ``child_main``: it lets Ctrl-C pass (the parent decides), says
+"started", calls the function and writes its outcome, as two frames on a pipe
+(see ``_wire``: a small pickled *meta* that says what happened, made of strings
+only so that the parent can always read it, and a *body*, the pickled value or
+exception, its large buffers out of band).  Because the type's name and the
+traceback text travel in the meta, a value or an exception that cannot be
+pickled, or unpickled in the parent, still comes back with a name.  A child
+that dies before "started" never ran the function (a spawn child that failed
+in the main module, say), and the error says so.  Then the child exits at once,
+without waiting for threads or processes the function left behind (its group
+is killed as it exits).  A fork child inherits the function and its arguments;
+a spawn or forkserver child reads them as a frame on a pipe of its own, which
+the parent writes once the child exists, as the pipe drains.
 
 The parent reads the pipe without blocking, woken by ``anyio.wait_readable``,
 in a task beside the one that joins the process.  Draining while joining is
@@ -17,7 +23,8 @@ pipe never exits, so a parent that joined first and read afterwards would wait
 forever.  Once the child has exited, everything it wrote is in the pipe, and
 one last non-blocking read collects it; the message is complete or it is not.
 No end-of-file is needed, so a grandchild that inherited the write end cannot
-hold ``run`` up.
+hold ``run`` up.  The task group of the two never wraps what it raises: a
+KeyboardInterrupt that trio delivers there leaves ``run`` as it is.
 
 Stopping a child (timeout, cancellation, an error) is shielded and bounded:
 SIGTERM, ``grace`` seconds, SIGKILL, ``_KILL_WAIT`` seconds.  A child still
@@ -43,22 +50,21 @@ written, when other tasks run and must not start children with a blocked mask.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
-import inspect
+import math
 import multiprocessing
 import os
-import pickle
 import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
 
+from . import _wire
 from ._checks import (
     PDEATHSIG_SUPPORTED,
     check_die_with_parent,
@@ -70,22 +76,20 @@ from ._checks import (
 )
 from ._exceptions import (
     ExitStatusLost,
-    ProcessDied,
     ProcessTimeout,
-    RemoteError,
-    RemoteTraceback,
     UnkillableProcessWarning,
 )
 from ._exit import DEFAULT_GRACE, KILL_WAIT, adopt, reap_stragglers
 from ._popen import POPEN_CLASSES
 from ._process import AsyncProcess
-from ._runchild import HEADER, Call, child_main, describe, type_name
+from ._runchild import Call, child_main
 from ._usage import ResourceUsage
 
 if sys.version_info >= (3, 11):
-    from typing import TypeVarTuple, Unpack
+    from typing import Never, TypeVarTuple, Unpack
 else:  # pragma: no cover - Python 3.10
-    from typing_extensions import TypeVarTuple, Unpack
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+    from typing_extensions import Never, TypeVarTuple, Unpack
 
 if TYPE_CHECKING:
     from multiprocessing.context import BaseContext
@@ -96,78 +100,71 @@ PosArgsT = TypeVarTuple("PosArgsT")
 #: Seconds to wait after SIGKILL before calling a child unkillable (see ``_exit``).
 _KILL_WAIT = KILL_WAIT
 
-_BIG = 1 << 20  # a result larger than this gets a larger pipe (Linux)...
-_BIG_PIPE = 1 << 20  # ... this large: the default limit for unprivileged users
-
-
-def _how_it_ended(code: int) -> str:
-    if code >= 0:
-        return f"exited with code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:  # a real-time signal has no name of its own
-        name = f"signal {-code}"
-    return f"died with {name} (exit code {code})"
-
 
 # -- the parent's side ------------------------------------------------------------
 
 
 class _Inbox:
-    """The parent's end of the result pipe, read without blocking."""
+    """The parent's ends of the child's pipes: the call to send, the frames to read.
 
-    def __init__(self, conn: Connection) -> None:
+    The child sends two frames: "started", then the outcome.  ``receive`` runs
+    beside the join; once the child has exited, ``read_available`` collects
+    whatever the child wrote just before.
+    """
+
+    def __init__(self, conn: Connection, call: Call, call_conn: Connection | None) -> None:
         self.conn = conn
         self.fd = conn.fileno()
         os.set_blocking(self.fd, False)
-        self._header = bytearray(HEADER.size)
-        self._buf = self._header
-        self._pos = 0
-        self.meta_len = 0
-        self.complete = False
+        self.call_conn = call_conn
+        self.parts = call.parts
+        self.hello = _wire.Incoming()
+        self.outcome = _wire.Incoming()
         self.error: Exception | None = None
 
-    def read_available(self) -> bool:
-        """Read what the pipe holds; True once the message is complete or the pipe closed."""
-        while not self.complete:
-            with memoryview(self._buf) as view:
-                try:
-                    n = os.readv(self.fd, [view[self._pos :]])
-                except BlockingIOError:
-                    return False
-            if n == 0:
-                return True  # end of file: the child died before finishing
-            self._pos += n
-            if self._pos < len(self._buf):
-                continue
-            if self._buf is self._header:
-                self.meta_len, body_len = HEADER.unpack(self._header)
-                self._buf = bytearray(self.meta_len + body_len)
-                self._pos = 0
-                if body_len > _BIG:
-                    self._grow_pipe()
-            else:
-                self.complete = True
-        return True
+    @property
+    def started(self) -> bool:
+        return self.hello.complete
 
-    def _grow_pipe(self) -> None:
-        # Fewer, larger reads for a big result (a third faster for 100 MB here).
-        # Only then: a larger pipe counts against the user's pipe-buffer quota.
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, _BIG_PIPE)
+    @property
+    def complete(self) -> bool:
+        return self.outcome.complete
+
+    def read_available(self) -> None:
+        """Read what the pipe holds, without waiting."""
+        if not self.hello.complete and not self.hello.read_some(self.fd, math.inf):
+            return
+        self.outcome.read_some(self.fd, math.inf)
+
+    async def _send_call(self) -> None:
+        conn, parts = self.call_conn, self.parts
+        self.parts = None
+        if conn is None:
+            return
+        try:
+            if parts is not None:
+                os.set_blocking(conn.fileno(), False)
+                await _wire.send(conn.fileno(), parts)
+        except BrokenPipeError:
+            pass  # the child is gone before reading it: its exit says the rest
+        finally:
+            self.call_conn = None
+            conn.close()
 
     async def receive(self) -> None:
-        """Read until the message is complete or the pipe closes; keep any error."""
+        """Send the call (spawn, forkserver), then read both frames; keep any error."""
         try:
-            while not self.read_available():
-                await anyio.wait_readable(self.fd)
+            await self._send_call()
+            if await _wire.receive(self.fd, self.hello):
+                await _wire.receive(self.fd, self.outcome)
         except Exception as exc:
             self.error = exc
 
-    def message(self) -> tuple[tuple[Any, ...], memoryview]:
-        view = memoryview(self._buf)
-        meta: tuple[Any, ...] = pickle.loads(view[: self.meta_len])
-        return meta, view[self.meta_len :]
+    def close(self) -> None:
+        self.conn.close()
+        if self.call_conn is not None:
+            self.call_conn.close()
+            self.call_conn = None
 
 
 @contextlib.contextmanager
@@ -198,11 +195,15 @@ async def _start(
     new_process_group: bool,
     die_with_parent: bool,
     grace: float,
-) -> tuple[AsyncProcess, Connection]:
+) -> tuple[AsyncProcess, _Inbox]:
     method = ctx.get_start_method()
-    reader, writer = multiprocessing.Pipe(duplex=False)
+    reader, writer = _wire.pipe("run()")
+    call_reader = call_writer = None
     try:
-        call = Call(func, args, method)
+        if method != "fork":
+            # The call travels on a pipe of its own, as it drains (see Call).
+            call_reader, call_writer = _wire.pipe("run()")
+        call = Call(func, args, method, call_reader)
         proc = AsyncProcess(
             target=child_main,
             args=(writer, call),
@@ -218,29 +219,55 @@ async def _start(
         await proc._start_async(functools.partial(_sigint_blocked, method))
     except BaseException:
         reader.close()
+        if call_writer is not None:
+            call_writer.close()
         raise
     finally:
         writer.close()
-    return proc, reader
+        if call_reader is not None:
+            call_reader.close()
+    return proc, _Inbox(reader, call, call_writer)
 
 
 async def _join_and_drain(proc: AsyncProcess, inbox: _Inbox) -> int:
     error: Exception | None = None
     code = 0
-    # Errors are kept out of the task group, which would wrap them in a group.
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(inbox.receive)
-        try:
-            code = cast(int, await proc.join())
-        except Exception as exc:
-            error = exc
-        tg.cancel_scope.cancel()
+    # Errors are kept out of the task group, which would wrap them in a group;
+    # so is a KeyboardInterrupt trio delivers here (a group is unwrapped).
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(inbox.receive)
+            try:
+                code = cast(int, await proc.join())
+            except Exception as exc:
+                error = exc
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        _raise_alone(group)
     if error is None:
         error = inbox.error
     if error is not None:
         raise error
     inbox.read_available()  # what the child wrote just before it exited
     return code
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _raise_alone(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise the one exception of *group* (a task group's wrapping) as it is."""
+    leaves = _leaves(group)
+    if len(leaves) != 1:
+        raise group
+    exc = leaves[0]
+    try:
+        raise exc
+    finally:
+        del exc, leaves, group
 
 
 async def _stop(
@@ -252,7 +279,7 @@ async def _stop(
     adopted for later reaping and warned about), what was done to it, and
     its resource usage (None where unknown).
     """
-    inbox.conn.close()  # a child blocked writing its result gets EPIPE
+    inbox.close()  # a child blocked writing its result gets EPIPE
     done = "it was found exited"
     try:
         with anyio.CancelScope(shield=True):
@@ -299,66 +326,13 @@ def _stop_now(proc: AsyncProcess) -> None:
         proc.close()
 
 
-def _result(func: Callable[..., T], proc: AsyncProcess, code: int, inbox: _Inbox) -> T:
+def _result(func: Callable[..., T], proc: AsyncProcess, code: int, inbox: _Inbox, method: str) -> T:
     pid = cast(int, proc.pid)
+    usage = proc.resource_usage
     if not inbox.complete:
-        raise ProcessDied(
-            f"process {pid} running {describe(func)} {_how_it_ended(code)} before returning "
-            "a result"
-            + (
-                " (SIGKILL: the out-of-memory killer, or another process, killed it)"
-                if code == -signal.SIGKILL
-                else ""
-            ),
-            pid=pid,
-            exitcode=code,
-            resource_usage=proc.resource_usage,
-        )
-    meta, body = inbox.message()
-    kind, name = meta[0], meta[1]
-    if kind == "value":
-        try:
-            value: T = pickle.loads(body)
-        except Exception as exc:
-            raise pickle.UnpicklingError(
-                f"the result of {describe(func)} (an object of type {name}) came "
-                f"back from process {pid} but cannot be unpickled here "
-                f"({type_name(exc)}: {exc}); return a type the parent can import"
-            ) from exc
-        return value
-    if kind == "raised":
-        raise _rebuilt_exception(
-            body, name, message=meta[2], text=meta[3], usage=proc.resource_usage
-        )
-    error: pickle.PickleError
-    if kind == "unpicklable":
-        error = pickle.PicklingError(
-            f"the result of {describe(func)} in process {pid} (an object of type "
-            f"{name}) cannot be pickled to send it back ({meta[2]}); return a "
-            "picklable value, for example the data needed to rebuild the object"
-        )
-    else:  # "unloadable"
-        error = pickle.UnpicklingError(
-            f"process {pid} could not unpickle {describe(func)} or its arguments "
-            f"({name}: {meta[2]}); a spawn or forkserver child imports them by "
-            "name, so define them in a module it can import (not in a script run "
-            "with -c or an interactive session), or use context='fork'"
-        )
-    error.__cause__ = RemoteTraceback(meta[3], proc.resource_usage)
-    raise error
-
-
-def _rebuilt_exception(
-    body: memoryview, type_name: str, message: str, text: str, usage: ResourceUsage | None
-) -> BaseException:
-    """The child's exception, or a RemoteError standing in for it; the traceback as cause."""
-    rebuilt: object = None
-    if body:
-        with contextlib.suppress(Exception):
-            rebuilt = pickle.loads(body)
-    exc = rebuilt if isinstance(rebuilt, BaseException) else RemoteError(type_name, message, text)
-    exc.__cause__ = RemoteTraceback(text, usage)
-    return exc
+        raise _wire.died(func, pid, code, usage, started=inbox.started, method=method)
+    value: T = _wire.result_of(func, pid, inbox.outcome, usage)
+    return value
 
 
 async def run(
@@ -369,10 +343,12 @@ async def run(
     grace: float = DEFAULT_GRACE,
     new_process_group: bool = True,
     die_with_parent: bool | None = None,
+    **kwargs: Never,
 ) -> T:
     """Call ``func(*args)`` in a new child process and return its result.
 
-    Keyword arguments for *func* go through ``functools.partial``.  *context*
+    Keyword arguments for *func* go through ``functools.partial`` (any other
+    keyword is a ``TypeError`` that says so).  *context*
     is a start method name (``"fork"``, ``"forkserver"``, ``"spawn"``), a
     ``multiprocessing`` context, or None for the default.  Returns once the
     child has exited and been reaped.
@@ -401,17 +377,7 @@ async def run(
       SIGKILL (Linux, fork and spawn).  None (the default) means yes wherever
       that works.
     """
-    if not callable(func):
-        raise TypeError(
-            f"func must be a callable, not {type(func).__name__}; "
-            "call run(func, *args) with the function first"
-        )
-    if inspect.iscoroutinefunction(func):
-        raise TypeError(
-            f"{describe(func)} is an async function; run() calls a plain function in "
-            "the child. Pass a plain function that runs its own event loop, e.g. "
-            "functools.partial(anyio.run, func)"
-        )
+    _wire.check_call(func, kwargs, "run")
     timeout = check_timeout(timeout)
     grace = check_grace(grace)
     new_process_group = check_flag("new_process_group", new_process_group)
@@ -426,7 +392,7 @@ async def run(
     die_with_parent = check_die_with_parent(die_with_parent, ctx.get_start_method())
     reap_stragglers()
     await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: start nothing
-    proc, reader = await _start(
+    proc, inbox = await _start(
         func,
         args,
         ctx,
@@ -435,7 +401,6 @@ async def run(
         grace=grace,
     )
     pid = cast(int, proc.pid)
-    inbox = _Inbox(reader)
     try:
         with anyio.move_on_after(timeout) as deadline:
             code = await _join_and_drain(proc, inbox)
@@ -445,13 +410,14 @@ async def run(
     if deadline.cancelled_caught:
         stopped_code, done, usage = await _stop(proc, inbox, grace)
         raise ProcessTimeout(
-            f"process {pid} running {describe(func)} did not finish within {timeout:g} s; {done}",
+            f"process {pid} running {_wire.describe(func)} did not finish within "
+            f"{timeout:g} s; {done}",
             pid=pid,
             exitcode=stopped_code,
             resource_usage=usage,
         )
-    reader.close()
+    inbox.close()
     try:
-        return _result(func, proc, code, inbox)
+        return _result(func, proc, code, inbox, ctx.get_start_method())
     finally:
         proc.close()

@@ -1,180 +1,133 @@
 """The child's side of ``aioproc.run``: call the function, send the outcome back.
 
-See the theory of operation in ``_run``.  Everything here runs in the child,
-except the pickling of ``Call`` (in the parent, while ``start()`` pickles the
-process object for a spawn or forkserver child) and the small helpers the
-parent uses to name things in its messages.
+See the theory of operation in ``_run`` and the frames in ``_wire``.
+Everything here runs in the child, except the pickling of ``Call`` (in the
+parent, while ``start()`` pickles the process object for a spawn or
+forkserver child).
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
-import pickle
 import signal
-import struct
-import traceback
+import sys
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-#: The message's header: the lengths of the meta and the body.
-HEADER = struct.Struct("!QQ")
-
-
-def type_name(obj: object) -> str:
-    cls = type(obj)
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def describe(func: Callable[..., object]) -> str:
-    target: object = func
-    while isinstance(target, functools.partial):
-        target = target.func
-    name = getattr(target, "__qualname__", None) or type(target).__qualname__
-    return f"{name}()"
-
-
-def _dumps(obj: object) -> memoryview:
-    # multiprocessing's pickler: connections and sockets travel as they do in
-    # multiprocessing's own queues and process arguments.
-    return ForkingPickler.dumps(obj, pickle.HIGHEST_PROTOCOL)
+from . import _wire
 
 
 class Call:
     """The function and its arguments, on their way to the child.
 
     A fork child inherits them as they are.  For spawn and forkserver they are
-    pickled into one blob while multiprocessing pickles the process object
-    (so descriptors travel the way multiprocessing passes them), which lets a
-    failure name the argument at fault; the child unpickles the blob in the
-    wrapper, which reports a failure to the parent instead of dying with it.
+    pickled while multiprocessing pickles the process object (so descriptors
+    travel the way multiprocessing passes them), which lets a failure name the
+    argument at fault, but they do not travel with it: ``parts`` is a frame the
+    parent writes on the call's own pipe once the child exists, large
+    arguments out of band, as the pipe drains.  The child reads and unpickles
+    it in the wrapper, which reports a failure to the parent instead of dying
+    with it.
     """
 
-    def __init__(self, func: Callable[..., object], args: tuple[Any, ...], method: str) -> None:
+    def __init__(
+        self,
+        func: Callable[..., object],
+        args: tuple[Any, ...],
+        method: str,
+        conn: Connection | None = None,
+    ) -> None:
         self._func: Callable[..., object] | None = func
         self._args = args
         self._method = method
-        self._blob: bytes | None = None
+        self._conn = conn
+        #: The frame to write on the call's pipe (spawn, forkserver), once pickled.
+        self.parts: list[Any] | None = None
 
     def unpack(self) -> tuple[Callable[..., object], tuple[Any, ...]]:
-        if self._blob is not None:
-            func, args = pickle.loads(self._blob)
-            return func, args
-        if self._func is None:  # pragma: no cover - defensive
+        if self._func is not None:
+            return self._func, self._args
+        if self._conn is None:  # pragma: no cover - defensive
             raise RuntimeError("internal error: a call without a function")
-        return self._func, self._args
+        inc = _wire.read_blocking(self._conn.fileno())
+        self._conn.close()
+        if inc is None:
+            raise EOFError("the parent closed the pipe before sending the call")
+        func, args = _wire.loads(inc.body(), inc.objects)
+        return func, args
 
     def __reduce__(self) -> tuple[Any, ...]:
-        if self._func is None:  # pragma: no cover - pickled once, by start()
-            raise RuntimeError("internal error: a call pickled twice")
+        if self._func is None or self._conn is None:  # pragma: no cover - pickled once
+            raise RuntimeError("internal error: a call pickled twice, or without its pipe")
         try:
-            blob = _dumps((self._func, self._args)).tobytes()
+            body, buffers = _wire.dumps_call(self._func, self._args)
         except Exception as exc:
-            raise _unpicklable_call(self._func, self._args, self._method, exc) from exc
-        return (call_from_blob, (blob,))
+            raise _wire.unpicklable_call(
+                self._func,
+                self._args,
+                exc,
+                to=f"a {self._method} child",
+                fix=", or use context='fork', which does not pickle them",
+            ) from exc
+        self.parts = _wire.frame(None, body, buffers)
+        return (call_from_pipe, (self._conn,))
 
 
-def call_from_blob(blob: bytes) -> Call:
+def call_from_pipe(conn: Connection) -> Call:
     call = Call.__new__(Call)
-    call._func, call._args, call._method, call._blob = None, (), "", blob
+    call._func, call._args, call._method, call._conn, call.parts = None, (), "", conn, None
     return call
-
-
-def _unpicklable_call(
-    func: Callable[..., object], args: tuple[Any, ...], method: str, exc: Exception
-) -> pickle.PicklingError:
-    """The error for a function or argument that cannot go to a spawn/forkserver child."""
-    why = f"{type_name(exc)}: {exc}"
-    try:
-        _dumps(func)
-    except Exception:
-        return pickle.PicklingError(
-            f"cannot send the function {func!r} (an object of type {type_name(func)}) "
-            f"to a {method} child ({why}); a {method} child receives it pickled, so "
-            "pass a function defined at module level (not a lambda or a local "
-            "function), or use context='fork'"
-        )
-    for i, arg in enumerate(args):
-        try:
-            _dumps(arg)
-        except Exception:
-            return pickle.PicklingError(
-                f"cannot send argument {i} of {describe(func)} (an object of type "
-                f"{type_name(arg)}) to a {method} child ({why}); a {method} child "
-                "receives its arguments pickled, so pass picklable ones, or use "
-                "context='fork', which does not pickle them"
-            )
-    return pickle.PicklingError(
-        f"cannot send {describe(func)} and its arguments to a {method} child ({why}); "
-        "pass a module-level function and picklable arguments, or use context='fork'"
-    )
 
 
 def _let_sigint_pass(signum: int, frame: object) -> None:
     """SIGINT handler of a child of ``run``: the parent decides what Ctrl-C means."""
 
 
-def _ignore_sigint() -> None:
+def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, _let_sigint_pass)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return f"<str() of the {type_name(exc)} failed>"
+def exit_now(code: int = 0) -> None:
+    """Exit at once, flushing the standard streams, without waiting for leftovers.
 
-
-def _format_exception(exc: BaseException) -> str:
-    tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code is outcome_of.__code__:
-        tb = tb.tb_next  # the wrapper's own frame says nothing
-    return "".join(traceback.format_exception(type(exc), exc, tb))
-
-
-def outcome_of(call: Call) -> tuple[tuple[Any, ...], memoryview | bytes]:
-    """Call the function; return the message's meta and body."""
-    try:
-        func, args = call.unpack()
-    except Exception as exc:
-        return ("unloadable", type_name(exc), _safe_str(exc), _format_exception(exc)), b""
-    try:
-        value = func(*args)
-    except Exception as exc:
-        text = _format_exception(exc)
-        try:
-            body = _dumps(exc)
-        except Exception as err:
-            reason = f"{type_name(err)}: {err}"
-            return ("raised", type_name(exc), _safe_str(exc), text, reason), b""
-        return ("raised", type_name(exc), _safe_str(exc), text, None), body
-    try:
-        body = _dumps(value)
-    except Exception as err:
-        reason = f"{type_name(err)}: {err}"
-        return ("unpicklable", type_name(value), reason, _format_exception(err)), b""
-    return ("value", type_name(value)), body
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
+    The interpreter's own exit would wait for non-daemonic threads and for
+    ``multiprocessing`` children the function left running (the parent kills
+    what is left of the group once this process has gone).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    os._exit(code)
 
 
 def child_main(send: Connection, call: Call) -> None:
-    """The target of every child of ``run``."""
-    _ignore_sigint()
-    meta, body = outcome_of(call)
-    del call
-    meta_bytes = pickle.dumps(meta, pickle.HIGHEST_PROTOCOL)
+    """The target of every child of ``run``.
+
+    It says "started" first, so that the parent can tell a child that died
+    before calling the function (a spawn child stuck in the main module) from
+    one that died in it.
+    """
+    ignore_sigint()
+    fd = send.fileno()
+    _wire.write_blocking(fd, _wire.frame(("started",)))
     try:
-        _write_all(send.fileno(), HEADER.pack(len(meta_bytes), len(body)) + meta_bytes)
-        _write_all(send.fileno(), body)
+        func, args = call.unpack()
+    except Exception as exc:
+        outcome = _wire.unloadable_outcome(exc)
+    else:
+        del call
+        me = os.getpid()
+        outcome = _wire.outcome_of(func, args)
+        del func, args
+        if os.getpid() != me:  # a copy the function forked, returning: not ours to answer
+            os._exit(0)
+    try:
+        _wire.write_blocking(fd, _wire.frame(*outcome))
     except BrokenPipeError:
         pass  # the parent stopped listening (cancelled): nobody wants the result
+    del outcome
+    exit_now(0)

@@ -595,9 +595,9 @@ async def test_sigint_mask_is_restored_after_start() -> None:
 
 
 async def test_start_waits_in_the_loop_with_sigint_blocked_only_while_creating_the_child() -> None:
-    """4 MiB of arguments for a spawn child: ``run`` writes them as the child reads,
-    other tasks run meanwhile, and none of them sees SIGINT blocked (a child they
-    started would inherit the mask)."""
+    """4 MiB of arguments for a spawn child: ``run`` writes them as the child reads
+    (on the call's own pipe, once the child exists), other tasks run meanwhile, and
+    none of them sees SIGINT blocked (a child they started would inherit the mask)."""
     seen: list[bool] = []
     done = anyio.Event()
 
@@ -611,21 +611,21 @@ async def test_start_waits_in_the_loop_with_sigint_blocked_only_while_creating_t
             tg.start_soon(other_task)
             await anyio.lowlevel.checkpoint()
             turns = len(seen)
-            started = aioproc.AsyncProcess._start_async
-            turns_during_start = 0
+            send = aioproc._run._Inbox._send_call
+            turns_during_send = 0
 
-            async def counting_start(self: aioproc.AsyncProcess, around: Any) -> None:
-                nonlocal turns_during_start
+            async def counting_send(self: aioproc._run._Inbox) -> None:
+                nonlocal turns_during_send
                 before = len(seen)
-                await started(self, around)
-                turns_during_start = len(seen) - before
+                await send(self)
+                turns_during_send = len(seen) - before
 
             with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(aioproc.AsyncProcess, "_start_async", counting_start)
+                mp.setattr(aioproc._run._Inbox, "_send_call", counting_send)
                 assert await aioproc.run(len, b"x" * (4 << 20), context="spawn") == 4 << 20
             done.set()
     assert len(seen) > turns
-    assert turns_during_start > 0
+    assert turns_during_send > 0  # the 4 MiB waited for the child in the loop
     assert not any(seen)
 
 

@@ -1,0 +1,170 @@
+"""The worker's side of ``aioproc.Pool``: a loop of calls, nothing left behind.
+
+See the theory of operation in ``_pool``.  Everything here runs in the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import _wire
+from ._runchild import exit_now, ignore_sigint
+
+_PR_SET_CHILD_SUBREAPER = 36
+#: Seconds to wait for what a call left to die once SIGKILLed.
+_REAP_WAIT = 5.0
+
+
+def _become_subreaper() -> bool:
+    """Adopt the orphans of the calls (Linux); False where that cannot be done."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # noqa: PLC0415 - once per worker, Linux only
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def _children() -> set[int] | None:
+    """This process's children, alive or zombies, from /proc; None if unknown."""
+    pids: set[int] = set()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        except OSError:
+            return None
+    return pids
+
+
+def _own_helpers() -> set[int]:
+    """multiprocessing's long-lived helpers of this worker: kept (they end with it)."""
+    pids = set()
+    server = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    tracker = getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
+    for pid in (server, tracker):
+        if pid:
+            pids.add(pid)
+    return pids
+
+
+def _has_children() -> bool:
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def end_leftovers(subreaper: bool) -> bool:
+    """Kill and reap what the call left running; False if that cannot be done here.
+
+    Our direct children are unreaped, so their pids cannot name anyone else;
+    the orphans of the ones killed are handed to us (a subreaper) before their
+    parent can be reaped, so each round finds them.  Without /proc or a
+    subreaper, the worker says it must be replaced instead (its group is
+    killed when it exits).
+    """
+    if not _has_children():
+        return True
+    if not subreaper:
+        return False
+    keep = _own_helpers()
+    while True:
+        pids = _children()
+        if pids is None:
+            return False
+        pids -= keep
+        if not pids:
+            return True
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if not _reap(pids):
+            return False  # one is stuck in the kernel: this worker is replaced
+
+
+def _reap(pids: set[int]) -> bool:
+    """Reap *pids*, SIGKILLed; False if one is still there after ``_REAP_WAIT`` s."""
+    deadline = time.monotonic() + _REAP_WAIT
+    delay = 0.0001
+    left = set(pids)
+    while left:
+        for pid in list(left):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            except ChildProcessError:
+                pass  # reaped by someone else (a SIGCHLD handler of the function's)
+            left.discard(pid)
+        if left:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(delay)  # SIGKILLed processes go within microseconds
+            delay = min(2 * delay, 0.01)
+    return True
+
+
+def worker_main(
+    requests: Connection,
+    results: Connection,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    close_fds: Iterable[int],
+) -> None:
+    """The target of every worker of a ``Pool``."""
+    for fd in close_fds:  # a fork child: the pool's ends of its siblings' pipes
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    ignore_sigint()
+    subreaper = _become_subreaper()
+    rfd, wfd = requests.fileno(), results.fileno()
+    me = os.getpid()
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except Exception as exc:
+            meta, body, buffers = _wire.exception_outcome(exc)
+            end_leftovers(subreaper)
+            _wire.write_blocking(wfd, _wire.frame(("init-failed", meta), body, buffers))
+            exit_now(0)
+    clean = end_leftovers(subreaper)
+    _wire.write_blocking(wfd, _wire.frame(("ready", clean)))
+    while clean:
+        inc = _wire.read_blocking(rfd)
+        if inc is None or inc.meta() is not None:
+            break  # the pool is gone, or asks us to exit
+        try:
+            func, args = _wire.loads(inc.body(), inc.objects)
+        except Exception as exc:
+            outcome = _wire.unloadable_outcome(exc)
+        else:
+            del inc
+            outcome = _wire.outcome_of(func, args)
+            del func, args
+            if os.getpid() != me:  # a copy the function forked, returning: not ours to answer
+                os._exit(0)
+        clean = end_leftovers(subreaper)
+        meta, body, buffers = outcome
+        del outcome
+        try:
+            _wire.write_blocking(wfd, _wire.frame((meta, clean), body, buffers))
+        except BrokenPipeError:
+            break
+        del meta, body, buffers
+    exit_now(0)
