@@ -85,6 +85,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from . import _run, _wire
+from ._checks import PDEATHSIG_SUPPORTED, check_grace, check_timeout, resolve_context
 from ._exceptions import (
     ExitStatusLost,
     InitializerError,
@@ -92,9 +93,9 @@ from ._exceptions import (
     ProcessTimeout,
     UnkillableProcessWarning,
 )
+from ._exit import adopt
 from ._poolworker import worker_main
-from ._process import AsyncProcess, _check_timeout, _resolve_context
-from ._tree import PDEATHSIG_SUPPORTED
+from ._process import AsyncProcess
 
 if sys.version_info >= (3, 11):
     from typing import Never, TypeVarTuple, Unpack
@@ -324,14 +325,14 @@ class Pool:
         if workers is None:
             workers = _cpus()
         self._workers = _positive_int("workers", workers)
-        self._ctx = _resolve_context(context) or multiprocessing.get_context()
+        self._ctx = resolve_context(context) or multiprocessing.get_context()
         self._method = self._ctx.get_start_method()
         self._max_tasks = (
             None
             if max_tasks_per_worker is None
             else _positive_int("max_tasks_per_worker", max_tasks_per_worker)
         )
-        self._idle_timeout = _check_timeout(idle_timeout)
+        self._idle_timeout = check_timeout(idle_timeout)
         if initializer is not None and not callable(initializer):
             raise TypeError(
                 f"initializer must be a callable or None, not {type(initializer).__name__}"
@@ -354,7 +355,7 @@ class Pool:
                     to=f"a {self._method} pool worker",
                     fix=" as the initializer and its initargs, or use context='fork'",
                 ) from exc
-        self._grace = _run._check_grace(grace)
+        self._grace = check_grace(grace)
         self._die_with_parent = PDEATHSIG_SUPPORTED and self._method != "forkserver"
         self._state = "new"  # -> open -> closing -> closed
         self._token: object = None
@@ -462,7 +463,7 @@ class Pool:
                     UnkillableProcessWarning,
                     stacklevel=3,
                 )
-                _run._adopt(w.proc)
+                adopt(w.proc)
                 w.watch_scope.cancel()
                 self._close_fds(w)
                 self._all.discard(w)
@@ -500,6 +501,8 @@ class Pool:
                 die_with_parent=self._die_with_parent,
             )
             proc._kill_group_at_exit = True  # what a dead worker left is killed
+            proc._stop_at_exit = True  # a pool left open at interpreter exit: stopped
+            proc._exit_grace = self._grace
             await proc._start_async(lambda: _run._sigint_blocked(self._method))
         except BaseException:
             req_w.close()
@@ -515,7 +518,7 @@ class Pool:
                 proc.kill()
                 await proc.join(_run._KILL_WAIT)
             if proc.exitcode is None:
-                _run._adopt(proc)
+                adopt(proc)
             else:
                 proc.close()
             req_w.close()
@@ -720,7 +723,7 @@ class Pool:
         """
         _wire.check_call(func, kwargs, "Pool.run")
         self._check_open()
-        timeout = _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         try:
             body, buffers = _wire.dumps_call(func, args)
         except Exception as exc:
@@ -957,7 +960,7 @@ class Pool:
         """
         _wire.check_call(func, {}, "Pool.map")
         self._check_open()
-        timeout = _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, not {type(ordered).__name__}")
         try:

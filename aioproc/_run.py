@@ -244,6 +244,12 @@ async def _join_and_drain(proc: AsyncProcess, inbox: _Inbox) -> int:
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         _raise_alone(group)
+    if isinstance(error, ExitStatusLost):
+        # Someone else took the exit status; a result that arrived whole is
+        # still the call's result (the child sent it, then exited).
+        inbox.read_available()
+        if inbox.complete:
+            return 0
     if error is None:
         error = inbox.error
     if error is not None:

@@ -66,7 +66,7 @@ def test_the_aioproc_watcher_error_does_not_offer_none() -> None:
 
 async def test_run_with_keyword_arguments_hints_at_partial() -> None:
     with pytest.raises(TypeError, match=r"functools\.partial") as info:
-        await aioproc.run(targets.greet, "susan", punctuation="!")  # type: ignore[call-arg]
+        await aioproc.run(targets.greet, "susan", punctuation="!")  # type: ignore[arg-type]
     assert "punctuation" in str(info.value)
 
 

@@ -120,7 +120,7 @@ def _none_grace() -> Any:
 
 
 def _keyword_argument() -> Any:
-    return aioproc.run(targets.greet, "x", punctuation="!")  # type: ignore[call-arg]
+    return aioproc.run(targets.greet, "x", punctuation="!")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
