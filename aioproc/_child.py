@@ -93,6 +93,8 @@ class Child:
     """Everything the parent holds for one started child (see the module docstring)."""
 
     pidfd = -1
+    #: Whether the handle closes the pidfd (not when it is the Popen's sentinel).
+    _own_pidfd = True
     _fds: tuple[int, ...] = ()
 
     def __init__(
@@ -129,6 +131,10 @@ class Child:
 
         Raises ``OSError`` when descriptors ran out (the caller cleans up).
         """
+        if self.popen.pidfd >= 0:  # the Popen's own, its sentinel: it closes it
+            self.pidfd = self.popen.pidfd
+            self._own_pidfd = False
+            return
         if not pidfd_support.is_supported():
             return
         try:
@@ -356,7 +362,7 @@ class Child:
         self.watch.close()
         self._release_fds()
         pidfd, self.pidfd = self.pidfd, -1
-        if pidfd >= 0:
+        if pidfd >= 0 and self._own_pidfd:
             os.close(pidfd)
         self.popen.close()
 
@@ -370,7 +376,7 @@ class Child:
             return  # a forked copy: the descriptors are not ours
         self._release_fds()
         pidfd, self.pidfd = self.pidfd, -1
-        if pidfd >= 0:
+        if pidfd >= 0 and self._own_pidfd:
             with contextlib.suppress(OSError):
                 os.close(pidfd)
 

@@ -27,6 +27,7 @@ import pytest
 
 import aioproc
 from aioproc import AsyncProcess
+from aioproc._watchers import pidfd
 
 from . import targets
 from .helpers import (
@@ -155,10 +156,11 @@ def test_fork_failure(scenario: str, tmp_path: Path) -> None:
 
 # -- descriptor exhaustion: RLIMIT_NOFILE -----------------------------------------
 
-# Descriptors a start needs free, by start method: fork opens two pipes (4);
-# spawn two pipes and the exec's error pipe (6).  Half are closed again before
-# the pidfd is opened, so the pidfd never runs out here (see the next test).
-NEEDS = {"fork": 4, "spawn": 6}
+# Descriptors a start needs free, by start method.  Where the kernel has pidfds:
+# fork only the child's pidfd (1); spawn the data pipe and the exec's error pipe
+# (4; the pidfd comes once the error pipe is closed).  Elsewhere: fork opens two
+# pipes (4), spawn two pipes and the exec's error pipe (6).
+NEEDS = {"fork": 1, "spawn": 4} if pidfd.is_supported() else {"fork": 4, "spawn": 6}
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
