@@ -49,7 +49,7 @@ import anyio
 import anyio.lowlevel
 from anyio.lowlevel import EventLoopToken, current_token
 
-from . import _fds
+from . import _fds, _popen
 from ._exceptions import ExitStatusLost
 from ._popen import Exit, readable_now
 from ._tree import PIDFD_SIGNAL_PROCESS_GROUP, pidfd_group_signals_work
@@ -155,6 +155,7 @@ class Child:
             return
         self.pidfd = self.popen.pidfd = fd
         _fds.hold(fd)
+        _popen.child_pidfds_work = True
 
     # -- state -------------------------------------------------------------------
 

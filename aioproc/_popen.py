@@ -353,10 +353,17 @@ def unwatchable(exc: OSError) -> OSError:
     )
 
 
+#: Whether a pidfd of a child of ours has been opened here: then the next
+#: children get their pidfd as their only descriptor.  Until then a child is
+#: started with the stdlib's pipes, in case a sandbox allows a pidfd of this
+#: process (the probe) but refuses one of a child.
+child_pidfds_work = False
+
+
 def _pidfds_here() -> bool:
     from ._watchers import pidfd  # noqa: PLC0415 - a cycle at import time
 
-    return pidfd.is_supported()
+    return child_pidfds_work and pidfd.is_supported()
 
 
 def _run_forked_child(
