@@ -49,7 +49,7 @@ import anyio
 import anyio.lowlevel
 from anyio.lowlevel import EventLoopToken, current_token
 
-from . import _fds
+from . import _fds, _popen
 from ._exceptions import ExitStatusLost
 from ._popen import Exit, readable_now
 from ._tree import PIDFD_SIGNAL_PROCESS_GROUP, pidfd_group_signals_work
@@ -93,6 +93,8 @@ class Child:
     """Everything the parent holds for one started child (see the module docstring)."""
 
     pidfd = -1
+    #: Whether the handle closes the pidfd (not when it is the Popen's sentinel).
+    _own_pidfd = True
     _fds: tuple[int, ...] = ()
 
     def __init__(
@@ -129,6 +131,10 @@ class Child:
 
         Raises ``OSError`` when descriptors ran out (the caller cleans up).
         """
+        if self.popen.pidfd >= 0:  # the Popen's own, its sentinel: it closes it
+            self.pidfd = self.popen.pidfd
+            self._own_pidfd = False
+            return
         if not pidfd_support.is_supported():
             return
         try:
@@ -149,6 +155,7 @@ class Child:
             return
         self.pidfd = self.popen.pidfd = fd
         _fds.hold(fd)
+        _popen.child_pidfds_work = True
 
     # -- state -------------------------------------------------------------------
 
@@ -356,7 +363,7 @@ class Child:
         self.watch.close()
         self._release_fds()
         pidfd, self.pidfd = self.pidfd, -1
-        if pidfd >= 0:
+        if pidfd >= 0 and self._own_pidfd:
             os.close(pidfd)
         self.popen.close()
 
@@ -370,7 +377,7 @@ class Child:
             return  # a forked copy: the descriptors are not ours
         self._release_fds()
         pidfd, self.pidfd = self.pidfd, -1
-        if pidfd >= 0:
+        if pidfd >= 0 and self._own_pidfd:
             with contextlib.suppress(OSError):
                 os.close(pidfd)
 

@@ -253,6 +253,37 @@ class _ReapedHere(_AioprocPopen):
         readable_within(self.sentinel, timeout)
         return self.exit_state() is not Exit.RUNNING
 
+    def _take_pidfd(self) -> int:
+        """Open the new child's pidfd, its sentinel from now on; return it.
+
+        Opened right after the child exists, and kept only if the child is still
+        unreaped then (else the pid may be a stranger's): a child already reaped
+        by someone else gets a sentinel that reads as "gone" instead.  Fails
+        (EMFILE) after killing and reaping the child.
+        """
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            fd = -1
+        except OSError as exc:
+            self.abandon()
+            raise unwatchable(exc) from exc
+        if fd >= 0:
+            self.pidfd = fd
+            if self.exit_state() is Exit.GONE:
+                self.pidfd = -1
+                os.close(fd)
+                fd = -1
+        if fd < 0:
+            try:
+                fd, w = os.pipe()  # its write end closed: always readable
+            except OSError:
+                self.abandon()
+                raise
+            os.close(w)
+        self.sentinel = fd
+        return fd
+
     def abandon(self) -> None:
         pid = getattr(self, "pid", None)
         if pid and self.returncode is None and self.exit_state() is not Exit.GONE:
@@ -265,12 +296,29 @@ class _ReapedHere(_AioprocPopen):
 
 
 class ForkPopen(_ReapedHere):
-    """fork: two pipes and ``os.fork()``; the child runs the process object directly."""
+    """fork: ``os.fork()``; the child runs the process object directly.
+
+    Where the kernel has pidfds, the child's pidfd is its sentinel and the
+    child watches its parent through a pidfd of its own (``parent_by_pidfd``):
+    one descriptor per child in the parent.  Elsewhere the stdlib's two pipes.
+    """
 
     method = "fork"
     group_from_parent: ClassVar[bool] = True
 
     def _launch(self, process_obj: BaseProcess) -> None:
+        if _pidfds_here():
+            process_obj._parent_by_pidfd = True  # type: ignore[attr-defined]
+            self.pid = os.fork()
+            if self.pid == 0:
+                _run_forked_child(process_obj, (), None)
+            fd = self._take_pidfd()
+            self.finalizer = util.Finalize(
+                self,
+                util.close_fds,  # type: ignore[attr-defined]
+                (fd,),
+            )
+            return
         opened: list[int] = []
         try:
             parent_r, child_w = os.pipe()
@@ -294,7 +342,33 @@ class ForkPopen(_ReapedHere):
         self.sentinel = parent_r
 
 
-def _run_forked_child(process_obj: BaseProcess, unused: tuple[int, int], sentinel: int) -> None:
+def unwatchable(exc: OSError) -> OSError:
+    """The error for a child that exists but cannot be watched (it has been killed and reaped)."""
+    name = errno.errorcode.get(exc.errno or 0, "unknown error")
+    return OSError(
+        exc.errno,
+        f"could not watch the new child: {(exc.strerror or name).lower()} ({name}); it was "
+        "killed and reaped, nothing is left and start() may be called again; close file "
+        "descriptors or raise RLIMIT_NOFILE",
+    )
+
+
+#: Whether a pidfd of a child of ours has been opened here: then the next
+#: children get their pidfd as their only descriptor.  Until then a child is
+#: started with the stdlib's pipes, in case a sandbox allows a pidfd of this
+#: process (the probe) but refuses one of a child.
+child_pidfds_work = False
+
+
+def _pidfds_here() -> bool:
+    from ._watchers import pidfd  # noqa: PLC0415 - a cycle at import time
+
+    return child_pidfds_work and pidfd.is_supported()
+
+
+def _run_forked_child(
+    process_obj: BaseProcess, unused: tuple[int, ...], sentinel: int | None
+) -> None:
     """Run the process object in the forked child, as the stdlib's fork child does."""
     code = 1
     try:
@@ -344,42 +418,75 @@ class SpawnPopen(_ReapedHere, popen_spawn_posix.Popen):
             tracker_fd = resource_tracker.getfd()
             if tracker_fd is not None:
                 self._fds.append(tracker_fd)
+            by_pidfd = _pidfds_here()
+            process_obj._parent_by_pidfd = by_pidfd  # type: ignore[attr-defined]
             self._data = self._pickled(process_obj)
-            parent_r = child_w = child_r = parent_w = None
-            try:
-                parent_r, child_w = os.pipe()
-                child_r, parent_w = os.pipe()
-                cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
-                self._fds.extend([child_r, child_w])
-                self.pid = util.spawnv_passfds(
-                    spawn.get_executable(),  # type: ignore[arg-type]
-                    cmd,
-                    self._fds,
-                )
-                self.sentinel = parent_r
-                self._data_fd = parent_w
-            finally:
-                opened = [fd for fd in (parent_r, parent_w) if fd is not None]
-                self.finalizer = util.Finalize(
-                    self,
-                    util.close_fds,  # type: ignore[attr-defined]
-                    opened,
-                )
-                for fd in (child_r, child_w):
-                    if fd is not None:
-                        os.close(fd)
+            if by_pidfd:
+                self._launch_by_pidfd()
+            else:
+                self._launch_with_pipes()
             if not self._deferred:
                 self.finish()
         except BaseException:
             self.abandon()
             raise
 
+    def _spawn(self, child_r: int) -> None:
+        cmd = spawn.get_command_line(tracker_fd=self._fds[0], pipe_handle=child_r)
+        self.pid = util.spawnv_passfds(
+            spawn.get_executable(),  # type: ignore[arg-type]
+            cmd,
+            self._fds,
+        )
+
+    def _launch_by_pidfd(self) -> None:
+        """One pipe for the data, closed once it is sent; the pidfd is the sentinel."""
+        child_r, parent_w = os.pipe()
+        try:
+            self._fds.append(child_r)
+            self._data_fd = parent_w
+            self._spawn(child_r)
+        finally:
+            os.close(child_r)
+        fd = self._take_pidfd()
+        self.finalizer = util.Finalize(
+            self,
+            util.close_fds,  # type: ignore[attr-defined]
+            (fd,),
+        )
+
+    def _launch_with_pipes(self) -> None:
+        """The stdlib's way: a sentinel pipe, and the data pipe kept as the child's
+        sign that its parent lives."""
+        parent_r = child_w = child_r = parent_w = None
+        try:
+            parent_r, child_w = os.pipe()
+            child_r, parent_w = os.pipe()
+            self._fds.extend([child_r, child_w])
+            self._spawn(child_r)
+            self.sentinel = parent_r
+        finally:
+            opened = [fd for fd in (parent_r, parent_w) if fd is not None]
+            self.finalizer = util.Finalize(
+                self,
+                util.close_fds,  # type: ignore[attr-defined]
+                opened,
+            )
+            for fd in (child_r, child_w):
+                if fd is not None:
+                    os.close(fd)
+        self._data_fd = -1 if parent_w is None else parent_w
+        self._keep_data_fd = True
+
+    #: With pipes, the data pipe stays open: the child's sign that its parent lives.
+    _keep_data_fd = False
+
     def finish(self) -> None:
         if self._data is not None:
             try:
                 _write_blocking(self._data_fd, self._data)
             finally:
-                self._drop_data()
+                self._sent()
 
     async def finish_async(self) -> None:
         if self._data is not None:
@@ -389,7 +496,17 @@ class SpawnPopen(_ReapedHere, popen_spawn_posix.Popen):
                 self.abandon()
                 raise
             finally:
-                self._drop_data()
+                self._sent()
+
+    def _sent(self) -> None:
+        self._drop_data()
+        fd, self._data_fd = self._data_fd, -1
+        if fd >= 0 and not self._keep_data_fd:
+            os.close(fd)
+
+    def abandon(self) -> None:
+        self._sent()
+        super().abandon()
 
 
 # The stdlib's forkserver client opens a socket and two pipes, and loses the

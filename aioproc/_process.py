@@ -22,7 +22,13 @@ from ._checks import (
     start_method_of,
 )
 from ._reset import reset_loop_state
-from ._tree import arm_lifeline, expected_parent, lead_own_group, set_group_from_parent
+from ._tree import (
+    arm_lifeline,
+    expected_parent,
+    lead_own_group,
+    set_group_from_parent,
+    watch_parent,
+)
 
 if TYPE_CHECKING:
     from ._child import Child
@@ -90,6 +96,9 @@ class AsyncProcess(mp_process.BaseProcess):
     _stop_at_exit = False
     #: Seconds between SIGTERM and SIGKILL when it is stopped at interpreter exit.
     _exit_grace = 1.0
+    #: Set by the Popen: the child watches its parent through a pidfd of its own,
+    #: not through an inherited pipe (one descriptor per child in the parent).
+    _parent_by_pidfd = False
 
     if TYPE_CHECKING:  # BaseProcess's private attributes, which typeshed leaves out
         _popen: AioprocPopen | None
@@ -229,7 +238,7 @@ class AsyncProcess(mp_process.BaseProcess):
     def _started(self, popen: AioprocPopen, watch_cls: type[Watch]) -> None:
         """Take charge of the child that *popen* started, and record it as started."""
         from ._child import Child
-        from ._start import strerror
+        from ._popen import unwatchable
 
         if self._new_process_group and popen.group_from_parent:
             set_group_from_parent(popen.pid)
@@ -243,12 +252,7 @@ class AsyncProcess(mp_process.BaseProcess):
         except BaseException as exc:
             popen.abandon()
             if isinstance(exc, OSError):
-                raise OSError(
-                    exc.errno,
-                    f"could not watch the new child: {strerror(exc)}; it was killed "
-                    "and reaped, nothing is left and start() may be called again; "
-                    "close file descriptors or raise RLIMIT_NOFILE",
-                ) from exc
+                raise unwatchable(exc) from exc
             raise
         self._child = child
         self._popen = popen
@@ -461,6 +465,10 @@ class AsyncProcess(mp_process.BaseProcess):
     # -- in the child, and across the pickle to it ---------------------------
 
     def _bootstrap(self, parent_sentinel: int | None = None) -> int:
+        if self._parent_by_pidfd:
+            if parent_sentinel is not None:  # spawn's: the data pipe, at its end
+                os.close(parent_sentinel)
+            parent_sentinel = watch_parent(self._parent_pid)
         # Before anything of the user's runs: it may start processes at once.
         if self._die_with_parent and self._lifeline_parent is not None:
             arm_lifeline(self._lifeline_parent, self._lifeline_thread)

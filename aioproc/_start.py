@@ -127,12 +127,12 @@ _WHAT_RAN_OUT = {
         "fork failed: not enough memory (ENOMEM); free memory or start fewer processes at once"
     ),
     errno.EMFILE: (
-        "could not open the new child's pipes: too many open files (EMFILE); close "
-        "file descriptors or raise RLIMIT_NOFILE"
+        "could not open the new child's descriptors (its pipes, its pidfd): too many "
+        "open files (EMFILE); close file descriptors or raise RLIMIT_NOFILE"
     ),
     errno.ENFILE: (
-        "could not open the new child's pipes: the system's file table is full "
-        "(ENFILE); close file descriptors"
+        "could not open the new child's descriptors (its pipes, its pidfd): the "
+        "system's file table is full (ENFILE); close file descriptors"
     ),
 }
 
@@ -144,8 +144,8 @@ def start_error(exc: OSError, what: str = "start()") -> OSError:
     the same errno, hence the same class (``BlockingIOError`` for EAGAIN).
     """
     why = _WHAT_RAN_OUT.get(exc.errno or 0)
-    if why is None:
-        return exc
+    if why is None or exc.strerror != os.strerror(exc.errno or 0):
+        return exc  # nothing to add, or explained already
     return OSError(exc.errno, f"{why}; nothing was started and {what} may be called again")
 
 
@@ -159,9 +159,3 @@ def explained(what: str = "start()") -> Iterator[None]:
         if error is exc:
             raise
         raise error from exc
-
-
-def strerror(exc: OSError) -> str:
-    """'too many open files (EMFILE)': the error, and the name to look it up by."""
-    name = errno.errorcode.get(exc.errno or 0, "unknown error")
-    return f"{(exc.strerror or name).lower()} ({name})"

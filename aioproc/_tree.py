@@ -79,6 +79,27 @@ def arm_lifeline(expected_parent: int, thread: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def watch_parent(expected: int) -> int:
+    """A descriptor that turns readable when the parent (pid *expected*) is gone.
+
+    A pidfd of the parent, which is ours if the parent is still *expected*
+    once it is open (had it died first, we would have been handed to another
+    parent before its pid could be reused); otherwise a pipe whose other end
+    is closed, which reads as "gone" at once.
+    """
+    try:
+        fd = os.pidfd_open(expected)
+    except OSError:
+        fd = -1
+    if fd >= 0 and os.getppid() == expected:
+        return fd
+    if fd >= 0:
+        os.close(fd)
+    r, w = os.pipe()
+    os.close(w)
+    return r
+
+
 # -- in the parent --------------------------------------------------------------
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -378,12 +380,23 @@ def ready_then_crash(conn: Connection, how: str) -> None:
     os._exit(99)
 
 
+def describe_fd(fd: int) -> str:
+    """What *fd* refers to: 'pipe:[123]', or 'pidfd of 456' (the process it names)."""
+    what = os.readlink(f"/proc/self/fd/{fd}")
+    if what == "anon_inode:[pidfd]":
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    return f"pidfd of {line.split()[1]}"
+    return what
+
+
 def send_open_descriptors(conn: Connection) -> None:
-    """Send what each open descriptor refers to ('pipe:[123]', 'anon_inode:[pidfd]')."""
+    """Send what each open descriptor refers to (see ``describe_fd``)."""
     fds = {}
     for name in os.listdir("/proc/self/fd"):
         try:
-            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+            fds[int(name)] = describe_fd(int(name))
         except OSError:
             pass  # the listing's own descriptor, closed by now
     conn.send(fds)
@@ -489,3 +502,30 @@ def send_dispositions(conn: Connection, signums: list[int]) -> None:
     names = {signal.SIG_DFL: "default", signal.SIG_IGN: "ignore"}
     conn.send({n: names.get(signal.getsignal(n), "handler") for n in signums})  # type: ignore[call-overload]
     conn.close()
+
+
+def report_parent(conn: Connection) -> None:
+    """Send what ``parent_process()`` says, and whether its sentinel is readable now."""
+    parent = multiprocessing.parent_process()
+    assert parent is not None
+    waiting = multiprocessing.connection.wait([parent.sentinel], timeout=0)
+    conn.send((parent.pid, bool(waiting), parent.is_alive()))
+    conn.close()
+
+
+def outlive_parent(conn: Connection, context: str) -> None:
+    """Start a grandchild that reports when this process has died; then sleep."""
+    from aioproc import AsyncProcess
+
+    g = AsyncProcess(target=_report_parent_death, args=(conn,), context=context)
+    g.start()
+    conn.send(("started", g.pid))
+    time.sleep(60)
+
+
+def _report_parent_death(conn: Connection) -> None:
+    parent = multiprocessing.parent_process()
+    assert parent is not None
+    conn.send(("waiting", parent.pid))
+    gone = multiprocessing.connection.wait([parent.sentinel], timeout=30)
+    conn.send(("parent gone", bool(gone), parent.is_alive()))

@@ -15,6 +15,7 @@ import pytest
 import uvloop
 
 from aioproc import AsyncProcess
+from aioproc._watchers import pidfd
 
 from . import targets
 from .helpers import DEADLINE, handshake, killed_afterwards, pid_exists, state_of
@@ -209,12 +210,23 @@ async def test_join_does_not_block_the_loop(watcher: str) -> None:
     ours.close()
 
 
-async def test_joined_as_soon_as_child_exits_despite_grandchild(watcher: str) -> None:
+@pytest.mark.parametrize("pidfds", [True, False], ids=["pidfds", "no-pidfds"])
+async def test_joined_as_soon_as_child_exits_despite_grandchild(
+    watcher: str, pidfds: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A grandchild holding the sentinel pipe must not delay the join.
 
-    Except with the sentinel watcher, whose documented limit this shows: it
+    Where the kernel has pidfds a fork child's sentinel is its pidfd: no pipe
+    at all.  Without them, the sentinel watcher shows its documented limit: it
     waits until the grandchild lets go of the pipe.
     """
+    if not pidfds:
+        if watcher == "pidfd":
+            pytest.skip("the pidfd watcher needs pidfds")
+        monkeypatch.setattr(pidfd, "supported", False)
+    elif not pidfd.is_supported():
+        pytest.skip("needs pidfd_open (Linux >= 5.3)")
+    limited = watcher == "sentinel" and not pidfds
     ours, theirs = multiprocessing.Pipe()
     p = started(targets.fork_grandchild_then_exit, theirs, 30)
     grandchild = await handshake(ours)
@@ -224,13 +236,13 @@ async def test_joined_as_soon_as_child_exits_despite_grandchild(watcher: str) ->
             result: list[int | None] = []
 
             async def join() -> None:
-                result.append(await p.join(timeout=2 if watcher == "sentinel" else 10))
+                result.append(await p.join(timeout=2 if limited else 10))
 
             tg.start_soon(join)
             await anyio.wait_all_tasks_blocked()  # the join is waiting on the watcher now
             ours.send("exit")
         assert pid_exists(grandchild)
-        if watcher == "sentinel":
+        if limited:
             assert result == [None]
             assert state_of(p.pid or 0) == "Z"  # the child had exited all along
             os.kill(grandchild, signal.SIGKILL)

@@ -15,7 +15,7 @@ import pytest
 import uvloop
 
 import aioproc
-from aioproc import AsyncProcess, WatcherUnavailable
+from aioproc import AsyncProcess, WatcherUnavailable, _popen
 from aioproc._watchers import pidfd, sigchld
 
 from . import targets
@@ -125,6 +125,7 @@ def test_pidfd_refused_by_a_sandbox_falls_back(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(os, "pidfd_open", refuse)
     monkeypatch.setattr(pidfd, "supported", None)
+    monkeypatch.setattr(_popen, "child_pidfds_work", False)  # as in a fresh process
 
     async def main() -> AsyncProcess:
         return await _start_join(context="fork")
