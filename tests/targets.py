@@ -248,12 +248,23 @@ def raise_unpicklable() -> None:
     raise HoldsALock("locked in")
 
 
+def _refuse_to_rebuild(message: str) -> Exception:
+    raise TypeError(f"cannot rebuild {message!r} here")
+
+
 class NeedsTwoArguments(Exception):
-    """Pickles, but cannot be unpickled: pickle calls it with args=(message,) only."""
+    """Pickles, but cannot be unpickled: rebuilding it raises.
+
+    (Not by leaving out a constructor argument: importing ``distributed``
+    installs tblib's exception pickling, which would rebuild that one.)
+    """
 
     def __init__(self, message: str, extra: int) -> None:
         super().__init__(message)
         self.extra = extra
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_refuse_to_rebuild, (str(self),))
 
 
 def raise_unloadable() -> None:
