@@ -283,6 +283,8 @@ class SigchldWatch(Watch):
                     try:
                         with anyio.move_on_after(_RECHECK):
                             await self.wait_readable(hub.rfd)
+                        if hub.closed:  # this watch was closed meanwhile
+                            return
                         hub.drain()
                         if not _still_installed():
                             for watch in hub.watches:
@@ -298,6 +300,8 @@ class SigchldWatch(Watch):
                         await self.wake.wait()
                     finally:
                         self.wake = None
+                    if hub.closed:
+                        return
         finally:
             self._leave(hub)
 
