@@ -259,13 +259,16 @@ async def test_killed_while_out_of_memory_is_process_died() -> None:
 
 
 async def test_exit_status_taken_by_someone_else() -> None:
-    """Another part of the program reaps the child: ExitStatusLost, as from join()."""
+    """Another part of the program reaps the child before it returned: ExitStatusLost.
+
+    (One that had returned gives its result: test_lost_status.py.)
+    """
     recv, send = multiprocessing.Pipe(duplex=False)
     outcome: list[BaseException] = []
 
     async def run_it() -> None:
         try:
-            await aioproc.run(targets.send_pid_then_sleep, send, 0.2)
+            await aioproc.run(targets.send_pid_then_sleep, send, 60)
         except aioproc.ExitStatusLost as exc:
             outcome.append(exc)
 
@@ -273,7 +276,8 @@ async def test_exit_status_taken_by_someone_else() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_it)
             pid = await handshake(recv)
-            assert os.waitpid(pid, 0)[0] == pid  # blocks the loop for 0.2 s at most
+            os.kill(pid, signal.SIGKILL)
+            assert os.waitpid(pid, 0)[0] == pid
     (err,) = outcome
     assert f"child pid {pid} was consumed by someone else" in str(err)
 
