@@ -199,6 +199,7 @@ async def _start(
     method = ctx.get_start_method()
     reader, writer = _wire.pipe("run()")
     call_reader = call_writer = None
+    proc: AsyncProcess | None = None
     try:
         if method != "fork":
             # The call travels on a pipe of its own, as it drains (see Call).
@@ -217,7 +218,10 @@ async def _start(
         # SIGINT is blocked only while the child is created, never across an
         # await: other tasks' children must not inherit the mask.
         await proc._start_async(functools.partial(_sigint_blocked, method))
+        inbox = _Inbox(reader, call, call_writer)
     except BaseException:
+        if proc is not None and proc._child is not None:
+            _stop_now(proc)  # started, then interrupted (trio's KeyboardInterrupt)
         reader.close()
         if call_writer is not None:
             call_writer.close()
@@ -226,7 +230,7 @@ async def _start(
         writer.close()
         if call_reader is not None:
             call_reader.close()
-    return proc, _Inbox(reader, call, call_writer)
+    return proc, inbox
 
 
 async def _join_and_drain(proc: AsyncProcess, inbox: _Inbox) -> int:
@@ -406,8 +410,8 @@ async def run(
         die_with_parent=die_with_parent,
         grace=grace,
     )
-    pid = cast(int, proc.pid)
     try:
+        pid = cast(int, proc.pid)
         with anyio.move_on_after(timeout) as deadline:
             code = await _join_and_drain(proc, inbox)
     except BaseException:

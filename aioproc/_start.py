@@ -76,7 +76,11 @@ async def launch_async(process_obj: BaseProcess, method: str, around: Around) ->
 async def _once(cls: type[AioprocPopen], process_obj: BaseProcess, around: Around) -> AioprocPopen:
     with around():
         popen = cls(process_obj, deferred=True)
-    await popen.finish_async()
+    try:
+        await popen.finish_async()
+    except BaseException:
+        popen.abandon()  # a KeyboardInterrupt too: nothing is left behind
+        raise
     return popen
 
 
