@@ -85,7 +85,13 @@ import anyio.abc
 import anyio.lowlevel
 
 from . import _run, _wire
-from ._checks import PDEATHSIG_SUPPORTED, check_grace, check_timeout, resolve_context
+from ._checks import (
+    PDEATHSIG_SUPPORTED,
+    check_grace,
+    check_timeout,
+    lifeline_problem,
+    resolve_context,
+)
 from ._exceptions import (
     ExitStatusLost,
     InitializerError,
@@ -95,6 +101,7 @@ from ._exceptions import (
 )
 from ._exit import adopt
 from ._poolworker import worker_main
+from ._popen import POPEN_CLASSES
 from ._process import AsyncProcess
 
 if sys.version_info >= (3, 11):
@@ -344,7 +351,7 @@ class Pool:
             raise TypeError(
                 f"initargs must be a tuple (or another iterable), not {type(initargs).__name__}"
             ) from None
-        if initializer is not None and self._method != "fork":
+        if initializer is not None and not POPEN_CLASSES[self._method].inherits_memory:
             try:
                 _wire.dumps_call(initializer, self._initargs)
             except Exception as exc:
@@ -356,7 +363,7 @@ class Pool:
                     fix=" as the initializer and its initargs, or use context='fork'",
                 ) from exc
         self._grace = check_grace(grace)
-        self._die_with_parent = PDEATHSIG_SUPPORTED and self._method != "forkserver"
+        self._die_with_parent = PDEATHSIG_SUPPORTED and not lifeline_problem(self._method)
         self._state = "new"  # -> open -> closing -> closed
         self._token: object = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -492,7 +499,8 @@ class Pool:
             self._slot_freed()
             raise
         try:
-            close_fds = tuple(_parent_ends) if self._method == "fork" else ()
+            inherits = POPEN_CLASSES[self._method].inherits_memory
+            close_fds = tuple(_parent_ends) if inherits else ()
             proc = AsyncProcess(
                 target=worker_main,
                 args=(req_r, res_w, self._initializer, self._initargs, close_fds),

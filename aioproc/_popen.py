@@ -94,6 +94,9 @@ class _AioprocPopen(popen_fork.Popen):
     group_from_parent: ClassVar[bool] = False
     #: The child is created by this thread, and starts with its signal mask.
     inherits_signal_mask: ClassVar[bool] = True
+    #: The child is a copy of this process: it gets the target, its arguments and
+    #: the open descriptors as they are, nothing is pickled (fork only).
+    inherits_memory: ClassVar[bool] = False
     #: Why ``die_with_parent`` cannot hold for this start method (None: it can).
     lifeline_problem: ClassVar[str | None] = None
     #: Descriptors passed to a spawn or forkserver child (the stdlib's list).
@@ -305,6 +308,7 @@ class ForkPopen(_ReapedHere):
 
     method = "fork"
     group_from_parent: ClassVar[bool] = True
+    inherits_memory: ClassVar[bool] = True
 
     def _launch(self, process_obj: BaseProcess) -> None:
         if _pidfds_here():

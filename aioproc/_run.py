@@ -201,7 +201,7 @@ async def _start(
     call_reader = call_writer = None
     proc: AsyncProcess | None = None
     try:
-        if method != "fork":
+        if not POPEN_CLASSES[method].inherits_memory:
             # The call travels on a pipe of its own, as it drains (see Call).
             call_reader, call_writer = _wire.pipe("run()")
         call = Call(func, args, method, call_reader)

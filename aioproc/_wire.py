@@ -651,7 +651,9 @@ def died(
         )
     else:
         message = f"{what} {pid} {how_it_ended(code)} before it started running {describe(func)}"
-        if method in ("spawn", "forkserver"):
+        from ._popen import POPEN_CLASSES  # noqa: PLC0415 - the parent's side only
+
+        if not POPEN_CLASSES[method].inherits_memory:  # it imports the main module first
             message += (
                 f" (a {method} child first imports the main module; if that module starts "
                 'processes when imported, with no `if __name__ == "__main__":` guard, the '
