@@ -184,11 +184,21 @@ class _AioprocPopen(popen_fork.Popen):
     async def finish_async(self) -> None:
         """Send what a deferred start left to send, waiting in the event loop."""
 
+    #: ``abandon()`` has run: the child was killed and reaped, the descriptors closed.
+    _abandoned = False
+
     def abandon(self) -> None:
-        """Undo a start that failed half-way: kill the child if it exists, close all."""
+        """Undo a start that failed half-way: kill the child if it exists, close all.
+
+        Idempotent: every layer that sees the failure may call it.
+        """
+        self._abandoned = True
         self._drop_data()
-        if self.finalizer is not None:
-            self.finalizer()
+        self.close()
+
+    def close(self) -> None:
+        super().close()
+        self.pidfd = -1  # closed by the finalizer, with the sentinel it may be
 
 
 #: waitid() on a pidfd (Linux >= 5.4): asks about the very process, not its number.
@@ -289,7 +299,12 @@ class _ReapedHere(_AioprocPopen):
 
     def abandon(self) -> None:
         pid = getattr(self, "pid", None)
-        if pid and self.returncode is None and self.exit_state() is not Exit.GONE:
+        if (
+            pid
+            and not self._abandoned
+            and self.returncode is None
+            and self.exit_state() is not Exit.GONE
+        ):
             # Unreaped: the pid is still the child's, so the signal cannot go astray.
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
