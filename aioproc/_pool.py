@@ -472,6 +472,7 @@ class Pool:
                 )
                 adopt(w.proc)
                 w.watch_scope.cancel()
+                w.readable.close()  # unregistered before its descriptor is closed
                 self._close_fds(w)
                 self._all.discard(w)
         while self._tasks:
