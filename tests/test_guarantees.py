@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from aioproc import AsyncProcess
+from aioproc import AsyncProcess, _popen
 from aioproc._watchers import pidfd
 
 from . import targets
@@ -123,7 +123,8 @@ async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> Non
     assert isinstance(inherited, dict)
     # One descriptor per fork child where the kernel has pidfds (the pidfd is the
     # sentinel), the stdlib's two pipe ends elsewhere.
-    assert len(held) == (1 if pidfd.is_supported() else 2) * len(siblings)
+    per_child = 1 if _popen.ONE_DESCRIPTOR_PER_CHILD else 3 if pidfd.is_supported() else 2
+    assert len(held) == per_child * len(siblings)
     assert set(held.values()).isdisjoint(inherited.values()), (held, inherited)
 
 

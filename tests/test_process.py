@@ -14,7 +14,7 @@ import anyio
 import pytest
 import uvloop
 
-from aioproc import AsyncProcess
+from aioproc import AsyncProcess, _popen
 from aioproc._watchers import pidfd
 
 from . import targets
@@ -226,7 +226,7 @@ async def test_joined_as_soon_as_child_exits_despite_grandchild(
         monkeypatch.setattr(pidfd, "supported", False)
     elif not pidfd.is_supported():
         pytest.skip("needs pidfd_open (Linux >= 5.3)")
-    limited = watcher == "sentinel" and not pidfds
+    limited = watcher == "sentinel" and not (pidfds and _popen.ONE_DESCRIPTOR_PER_CHILD)
     ours, theirs = multiprocessing.Pipe()
     p = started(targets.fork_grandchild_then_exit, theirs, 30)
     grandchild = await handshake(ours)

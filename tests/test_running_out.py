@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 import aioproc
-from aioproc import AsyncProcess
+from aioproc import AsyncProcess, _popen
 from aioproc._watchers import pidfd
 
 from . import targets
@@ -43,7 +43,7 @@ from .helpers import (
 # fork only the child's pidfd (1); spawn the data pipe and the exec's error pipe
 # (4; the pidfd comes once the error pipe is closed).  Elsewhere: fork opens two
 # pipes (4), spawn two pipes and the exec's error pipe (6).
-NEEDS = {"fork": 1, "spawn": 4} if pidfd.is_supported() else {"fork": 4, "spawn": 6}
+NEEDS = {"fork": 1, "spawn": 4} if _popen.ONE_DESCRIPTOR_PER_CHILD else {"fork": 4, "spawn": 6}
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
