@@ -11,50 +11,46 @@ sent to the freed number would reach it too.  It is forked with every
 signal blocked, so whatever is sent to it stays pending, where the test reads
 it from ``/proc/<pid>/status`` (SIGKILL, which cannot be blocked, kills it:
 the test sees a zombie).  The next pid is chosen by writing to
-``/proc/sys/kernel/ns_last_pid`` (root only), under a lock file so that two
-test runs on one machine do not steer each other's forks.  At end of input
-every stranger is killed and reaped.
+``/proc/sys/kernel/ns_last_pid`` (root only); the test that uses this helper
+runs while no other test on the machine does (``helpers.pid_steering``).  At
+end of input every stranger is killed and reaped.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import sys
 import time
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
-LOCK = "/tmp/aioproc-tests-ns_last_pid.lock"
 TRIES = 20
 
 
 def place(pid: int, strangers: list[int]) -> int:
     """Fork a stranger at *pid*; its pid, or the wrong pid it got (0: none)."""
-    with open(LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        got = 0
-        for _ in range(TRIES):
-            if os.path.exists(f"/proc/{pid}"):
-                return got  # someone else has it now
-            with open(NS_LAST_PID, "w") as f:
-                f.write(str(pid - 1))
-            child = os.fork()
-            if child == 0:
-                try:
-                    os.setpgid(0, 0)
-                    while True:
-                        time.sleep(3600)
-                finally:
-                    os._exit(0)
-            os.setpgid(child, child)  # before reporting: the group exists now
-            if child == pid:
-                strangers.append(child)
-                return child
-            got = child
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
-        return got
+    got = 0
+    for _ in range(TRIES):
+        if os.path.exists(f"/proc/{pid}"):
+            return got  # someone else has it now
+        with open(NS_LAST_PID, "w") as f:
+            f.write(str(pid - 1))
+        child = os.fork()
+        if child == 0:
+            try:
+                os.setpgid(0, 0)
+                while True:
+                    time.sleep(3600)
+            finally:
+                os._exit(0)
+        os.setpgid(child, child)  # before reporting: the group exists now
+        if child == pid:
+            strangers.append(child)
+            return child
+        got = child
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    return got
 
 
 def main() -> None:
