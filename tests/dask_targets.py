@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import subprocess
@@ -51,6 +52,7 @@ def refuse(value: int) -> None:
 
 
 def segfault() -> None:
+    faulthandler.disable()  # enabled by pytest in the test process: no traceback wanted
     os.kill(os.getpid(), signal.SIGSEGV)
 
 

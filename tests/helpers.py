@@ -122,6 +122,40 @@ def killed_afterwards(pid: int) -> Iterator[None]:
             os.close(fd)
 
 
+def skip_if_sig_ign_replaces_sigchld(watcher: str, freed_by: str) -> None:
+    """The sigchld watcher cannot see SIG_IGN set while it waits: skip that case."""
+    import pytest
+
+    if freed_by == "sig_ign" and watcher == "sigchld":
+        pytest.skip(
+            "SIG_IGN set while the sigchld watcher's handler waits replaces that handler "
+            "(test_sigchld_neighbours.py covers SIG_IGN with the sigchld watcher)"
+        )
+
+
+async def run_reporting_pid(fifos: Fifos, value: Any, context: str, outcome: list[Any]) -> None:
+    """``aioproc.run`` a child that reports its pid on *fifos*, then returns *value*.
+
+    Appends the value, or the ``ExitStatusLost`` raised instead, to *outcome*.
+    """
+    import aioproc
+
+    from . import targets
+
+    try:
+        outcome.append(
+            await aioproc.run(
+                targets.report_pid_then_return,
+                fifos.ready_path,
+                fifos.go_path,
+                value,
+                context=context,
+            )
+        )
+    except aioproc.ExitStatusLost as exc:
+        outcome.append(exc)
+
+
 # -- a child that survives SIGKILL, and orphans -------------------------------------
 
 # A tracer that holds a process in its PTRACE_EVENT_EXIT stop: once SIGKILL

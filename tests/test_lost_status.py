@@ -30,7 +30,9 @@ from .helpers import (
     free_the_pid,
     handshake,
     open_fds,
+    run_reporting_pid,
     sigchld_ignored,
+    skip_if_sig_ign_replaces_sigchld,
 )
 
 #: (start method, who takes the status)
@@ -95,31 +97,13 @@ async def test_run_returns_a_result_that_arrived_before_the_status_was_lost(
 ) -> None:
     """The child wrote its whole result and exited; someone else reaped it: the value."""
     context, taken_by = case
-    if taken_by == "sig_ign" and watcher == "sigchld":
-        pytest.skip(
-            "SIG_IGN set while the sigchld watcher's handler waits replaces that handler "
-            "(test_sigchld_neighbours.py covers SIG_IGN with the sigchld watcher)"
-        )
+    skip_if_sig_ign_replaces_sigchld(watcher, taken_by)
     fifos = Fifos(tmp_path)
     outcome: list[object] = []
 
-    async def run_it() -> None:
-        try:
-            outcome.append(
-                await aioproc.run(
-                    targets.report_pid_then_return,
-                    fifos.ready_path,
-                    fifos.go_path,
-                    {"result": 42},
-                    context=context,
-                )
-            )
-        except Exception as exc:
-            outcome.append(exc)
-
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(run_it)
+            tg.start_soon(run_reporting_pid, fifos, {"result": 42}, context, outcome)
             pid = int(await fifos.ready())
             # The loop does not run until the status is gone.
             with sigchld_ignored(taken_by == "sig_ign"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Awaitable, Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import anyio
@@ -31,7 +32,9 @@ from .helpers import (
     StrangerMaker,
     free_the_pid,
     handshake,
+    run_reporting_pid,
     sigchld_ignored,
+    skip_if_sig_ign_replaces_sigchld,
     why_pids_cannot_be_chosen,
 )
 
@@ -81,6 +84,19 @@ def skip_impossible(watcher: str, context: str) -> None:
         pytest.skip("sigchld cannot watch a forkserver child (test_watchers.py checks the error)")
 
 
+async def ready_child(context: str, group: bool) -> tuple[AsyncProcess, int, Connection]:
+    """A child that said "ready" and exits with 0 when it is sent "go"."""
+    ours, theirs = multiprocessing.Pipe()
+    p = AsyncProcess(
+        target=targets.ready_then_exit, args=(theirs, 0), context=context, new_process_group=group
+    )
+    p.start()
+    theirs.close()
+    assert p.pid is not None
+    assert await handshake(ours) == "ready"
+    return p, p.pid, ours
+
+
 async def settle(p: AsyncProcess, freed_by: str, code: int) -> None:
     """Join and close the process, whose status was lost unless the fork server had it."""
     with anyio.fail_after(DEADLINE):
@@ -123,18 +139,7 @@ async def test_signals_never_reach_a_stranger_at_the_freed_pid(
     touched: list[str] = []
 
     async def scenario() -> tuple[Stranger | None, Callable[[], Awaitable[None]]]:
-        ours, theirs = multiprocessing.Pipe()
-        p = AsyncProcess(
-            target=targets.ready_then_exit,
-            args=(theirs, 0),
-            context=context,
-            new_process_group=group,
-        )
-        p.start()
-        theirs.close()
-        pid = p.pid
-        assert pid is not None
-        assert await handshake(ours) == "ready"
+        p, pid, ours = await ready_child(context, group)
         with sigchld_ignored(freed_by == "sig_ign"):
             ours.send("go")
             free_the_pid(pid, freed_by)
@@ -165,18 +170,7 @@ async def test_signals_after_the_lost_status_was_reported_never_reach_a_stranger
     touched: list[str] = []
 
     async def scenario() -> tuple[Stranger | None, Callable[[], Awaitable[None]]]:
-        ours, theirs = multiprocessing.Pipe()
-        p = AsyncProcess(
-            target=targets.ready_then_exit,
-            args=(theirs, 0),
-            context=context,
-            new_process_group=True,
-        )
-        p.start()
-        theirs.close()
-        pid = p.pid
-        assert pid is not None
-        assert await handshake(ours) == "ready"
+        p, pid, ours = await ready_child(context, True)
         ours.send("go")
         free_the_pid(pid, "waitpid")
         ours.close()
@@ -218,11 +212,7 @@ async def test_runs_group_kill_at_exit_never_reaches_a_stranger(
     """
     context, freed_by = case
     skip_impossible(watcher, context)
-    if freed_by == "sig_ign" and watcher == "sigchld":
-        pytest.skip(
-            "SIG_IGN set while the sigchld watcher's handler waits replaces that handler "
-            "(test_sigchld_neighbours.py covers SIG_IGN with the sigchld watcher)"
-        )
+    skip_if_sig_ign_replaces_sigchld(watcher, freed_by)
     touched: list[str] = []
     attempt = 0
 
@@ -234,24 +224,10 @@ async def test_runs_group_kill_at_exit_never_reaches_a_stranger(
         fifos = Fifos(directory)
         outcome: list[object] = []
 
-        async def run_it() -> None:
-            try:
-                outcome.append(
-                    await aioproc.run(
-                        targets.report_pid_then_return,
-                        fifos.ready_path,
-                        fifos.go_path,
-                        "done",
-                        context=context,
-                    )
-                )
-            except aioproc.ExitStatusLost as exc:  # test_lost_status.py asks for the value
-                outcome.append(exc)
-
         stranger = None
         with anyio.fail_after(DEADLINE):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(run_it)
+                tg.start_soon(run_reporting_pid, fifos, "done", context, outcome)
                 pid = int(await fifos.ready())
                 # From here to the end of the block the loop does not run.
                 with sigchld_ignored(freed_by == "sig_ign"):
