@@ -23,6 +23,7 @@ from aioproc import AsyncProcess
 from aioproc._popen import _Closer
 
 from . import targets
+from .conftest import FORK_THREAD_WARNING
 from .helpers import handshake
 
 
@@ -41,7 +42,8 @@ async def test_a_fork_child_releases_nothing_of_its_siblings() -> None:
     for sibling in siblings:
         sibling.start()
     try:
-        watched: list[object] = [*siblings, *(s._popen.finalizer for s in siblings)]
+        popens = [s._popen for s in siblings]
+        watched: list[object] = [*siblings, *(popen.finalizer for popen in popens if popen is not None)]
         p = AsyncProcess(target=_send_refcounts, args=(theirs, watched), context="fork")
         before = _refcounts(watched)
         p.start()
@@ -84,7 +86,8 @@ def test_a_closer_closes_once_when_called() -> None:
     closer = _Closer(owner, util.close_fds, (r, w))  # type: ignore[attr-defined]
     assert closer.still_active()
     closer()
-    assert not _is_open(r) and not _is_open(w)
+    assert not _is_open(r)
+    assert not _is_open(w)
     fd = os.open(os.devnull, os.O_RDONLY)  # may reuse r's number: must stay open
     try:
         closer()
@@ -103,9 +106,11 @@ def test_a_closer_closes_when_its_owner_is_gone(cycle: bool) -> None:
     _Closer(owner, util.close_fds, (r, w))  # type: ignore[attr-defined]
     del owner
     gc.collect()
-    assert not _is_open(r) and not _is_open(w)
+    assert not _is_open(r)
+    assert not _is_open(w)
 
 
+@FORK_THREAD_WARNING
 def test_a_closer_closes_nothing_in_a_forked_copy() -> None:
     r, w = os.pipe()
     owner = _Owner()
