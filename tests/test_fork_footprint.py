@@ -43,7 +43,7 @@ async def test_a_fork_child_releases_nothing_of_its_siblings() -> None:
         sibling.start()
     try:
         popens = [s._popen for s in siblings]
-        watched: list[object] = [*siblings, *(popen.finalizer for popen in popens if popen is not None)]
+        watched: list[object] = [*siblings, *(q.finalizer for q in popens if q is not None)]
         p = AsyncProcess(target=_send_refcounts, args=(theirs, watched), context="fork")
         before = _refcounts(watched)
         p.start()
