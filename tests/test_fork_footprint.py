@@ -24,7 +24,7 @@ from aioproc._popen import _Closer
 
 from . import targets
 from .conftest import FORK_THREAD_WARNING
-from .helpers import handshake
+from .helpers import handshake, open_fds
 
 
 def _refcounts(objects: list[object]) -> list[int]:
@@ -73,11 +73,7 @@ class _Owner:
 
 
 def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
+    return fd in open_fds()
 
 
 def test_a_closer_closes_once_when_called() -> None:
