@@ -57,6 +57,11 @@ async def test_a_fork_child_releases_nothing_of_its_siblings() -> None:
 
 
 async def test_children_add_nothing_to_the_stdlib_finalizer_registry() -> None:
+    # A first start may register what multiprocessing sets up once per process.
+    first = AsyncProcess(target=targets.sleep, args=(0,), context="fork")
+    first.start()
+    await first.join()
+    first.close()
     registered = len(util._finalizer_registry)  # type: ignore[attr-defined]
     p = AsyncProcess(target=targets.sleep, args=(30,), context="fork")
     p.start()
