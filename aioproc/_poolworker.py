@@ -26,6 +26,10 @@ _REAP_WAIT = 5.0
 #: Seconds a worker that has answered keeps looking for the next request before
 #: it sleeps in the kernel (see ``_Requests``).
 SPIN = 0.0002
+#: A ``sched_yield`` that takes longer than this gave the CPU to another process:
+#: the machine is busy, and the worker sleeps rather than looks (a sleeper that
+#: is woken gets the CPU sooner there than one that kept running).
+_YIELDED = 0.00002
 
 
 def _become_subreaper() -> bool:
@@ -132,7 +136,8 @@ class _Requests:
     ``writev``) and costs itself the time its CPU takes to leave the idle state
     (tens of microseconds in a virtual machine), on every call of a sequence.
     Between two tries the worker yields its CPU (``sched_yield``), so that the
-    parent, or any other process that is ready to run there, runs first: the
+    parent, or any other process that is ready to run there, runs first, and
+    once a yield has let another process run the worker sleeps at once: the
     looking uses CPU time that would have been idle.
     """
 
@@ -158,6 +163,8 @@ class _Requests:
                 until = now + SPIN
             if now < until:
                 os.sched_yield()
+                if time.perf_counter() - now > _YIELDED:
+                    until = now  # another process ran meanwhile: sleep next time
             else:
                 self._poll.poll()
                 until = time.perf_counter() + SPIN  # a large request arrives in pieces
