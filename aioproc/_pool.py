@@ -61,10 +61,19 @@ the watching that closing relies on.
 
 Cost of a call.  Calls need no task of their own: a frame write (one
 ``writev``), a wait on the result pipe, a frame read.  The wait is woken by the
-pipe or, if the worker exits, by its watcher (``_Readable.wake``); a cancel
+pipe or, if the worker exits, by its watcher (``_Reader.wake``); a cancel
 scope is entered only for a call with a timeout or a large request.  On
 asyncio and uvloop the result pipe stays registered with the loop while calls
-wait on it, instead of being added and removed per wait.
+wait on it, and the loop's reader callback reads the frame itself, so the
+call resumes once, with its answer complete; a call waiting for a worker waits
+on a future of the loop.  A worker that has answered looks for its next
+request for a moment before it sleeps (``_poolworker.SPIN``): a sequence of
+calls then finds it awake.  When a call ends and another waits for its worker,
+the ending call sends the waiter's request itself if it is small and has no
+timeout (``_send_ahead``, asyncio), and the loop reads the answer into the
+waiter's call: the worker starts at once, and the waiter's task wakes once,
+with its answer there.  Such a waiter, cancelled before it has woken, stops
+the worker, as a cancelled call that has started does.
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ import contextlib
 import math
 import multiprocessing
 import os
+import select
 import sys
 import warnings
 from collections import deque
@@ -120,6 +130,7 @@ PosArgsT = TypeVarTuple("PosArgsT")
 
 _EXIT = _wire.frame(("exit",))
 _SMALL = 1 << 15  # a request this small is written at once (an idle worker's pipe is empty)
+_AHEAD = select.PIPE_BUF  # a request this small may be sent by the worker's releaser
 
 # Every pool's ends of its workers' pipes in this process: a fork worker closes
 # the ones it inherited, so that a worker's pipes are held by it and us only.
@@ -133,11 +144,12 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-class _Readable:
-    """Waits until a worker's result pipe is readable, or ``wake()`` is called.
+class _Reader:
+    """Reads a frame from a worker's result pipe; ``wake()`` ends the read early
+    (the worker exited: the call then reads what the pipe still holds).
 
     The portable way: ``anyio.wait_readable`` in a cancel scope that ``wake()``
-    cancels.
+    cancels, then non-blocking reads, ``_wire.BUDGET`` bytes per turn of the loop.
     """
 
     __slots__ = ("_fd", "_scope", "_woken")
@@ -147,7 +159,24 @@ class _Readable:
         self._woken = False
         self._scope: anyio.CancelScope | None = None
 
-    async def wait(self) -> None:
+    async def read(self, inc: _wire.Incoming) -> bool:
+        """True once *inc* is complete; False at the pipe's end or once woken."""
+        fd = self._fd
+        while True:
+            await self._wait()
+            while True:
+                done = inc.read_some(fd, _wire.BUDGET)
+                if done:
+                    return True
+                if inc.eof:
+                    return False
+                if done is False:
+                    break
+                await anyio.lowlevel.checkpoint()
+            if self._woken:
+                return False
+
+    async def _wait(self) -> None:
         if self._woken:
             await anyio.lowlevel.checkpoint()
             return
@@ -164,46 +193,80 @@ class _Readable:
         pass
 
 
-class _AsyncioReadable(_Readable):
-    """The same on asyncio and uvloop, with the reader registered for as long as calls
-    wait on it, rather than once per wait (which costs 15-25 us per call here: two
-    ``epoll_ctl`` calls, and anyio's and asyncio's bookkeeping around them)."""
+class _AsyncioReader(_Reader):
+    """The same on asyncio and uvloop, read in the loop's reader callback itself.
 
-    __slots__ = ("_future", "_loop", "_registered")
+    The reader stays registered while calls go on (adding and removing it per
+    call costs two ``epoll_ctl`` and the bookkeeping around them), and the
+    callback reads as soon as the loop sees data, so the pipe is empty again
+    before the loop polls next: no second, empty wake-up, and the waiting call
+    resumes once, with its frame complete.  Each callback moves at most
+    ``_wire.BUDGET`` bytes: a large frame takes one slice per turn of the loop.
+    """
 
-    def __init__(self, fd: int) -> None:
+    __slots__ = ("_future", "_inc", "_loop", "_registered")
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(fd)
-        self._loop = asyncio.get_running_loop()
-        self._future: asyncio.Future[None] | None = None
+        self._loop = loop
+        self._future: asyncio.Future[bool] | None = None
+        self._inc: _wire.Incoming | None = None
         self._registered = False
 
-    async def wait(self) -> None:
+    def read_ahead(self, inc: _wire.Incoming, future: asyncio.Future[None]) -> None:
+        """Read *inc* for a call sent ahead (``Pool._send_ahead``): *future*, its
+        waiter's, is done once *inc* is complete, at the pipe's end, or woken."""
+        self._future, self._inc = future, inc  # type: ignore[assignment]
+        if not self._registered:
+            self._loop.add_reader(self._fd, self._ready)
+            self._registered = True
+
+    def forget_ahead(self) -> None:
+        self._future = self._inc = None
+
+    async def read(self, inc: _wire.Incoming) -> bool:
+        if self._inc is inc:  # read ahead, its waiter woken: complete, or the worker exited
+            self._future = self._inc = None
+            if inc.complete or inc.eof:
+                return inc.complete
         if self._woken:
-            await anyio.lowlevel.checkpoint()
-            return
+            return await super().read(inc)
         future = self._future = self._loop.create_future()
+        self._inc = inc
         if not self._registered:
             self._loop.add_reader(self._fd, self._ready)
             self._registered = True
         try:
-            await future
+            complete: bool = await future
         finally:
-            self._future = None
+            self._future = self._inc = None
+        return complete
 
     def _ready(self) -> None:
-        future = self._future
-        if future is None:
-            # Nobody waits (level-triggered: it would fire again and again).
+        future, inc = self._future, self._inc
+        if future is None or inc is None:
+            # Nobody reads (level-triggered: it would fire again and again).
             self._loop.remove_reader(self._fd)
             self._registered = False
-        elif not future.done():
-            future.set_result(None)
+            return
+        if future.done():  # complete, its reader not yet resumed: the rest is the next frame's
+            return
+        try:
+            done = inc.read_some(self._fd, _wire.BUDGET)
+        except Exception as exc:
+            future.set_exception(exc)
+            return
+        if done:
+            future.set_result(True)
+        elif inc.eof:
+            future.set_result(False)
+        # else: the pipe is empty or the slice is done; called again when it is readable
 
     def wake(self) -> None:
         self._woken = True
         future = self._future
         if future is not None and not future.done():
-            future.set_result(None)
+            future.set_result(False)
 
     def close(self) -> None:
         if self._registered:
@@ -211,14 +274,14 @@ class _AsyncioReadable(_Readable):
             self._registered = False
 
 
-class _TrioReadable(_Readable):
+class _TrioReader(_Reader):
     """The same on trio, without a cancel scope per wait: ``wake()`` is trio's
     ``notify_closing``, which wakes the waiter with ClosedResourceError (the pipe
     is not closed: what the worker wrote before it exited is still read)."""
 
     __slots__ = ()
 
-    async def wait(self) -> None:
+    async def _wait(self) -> None:
         if self._woken:
             await anyio.lowlevel.checkpoint()
             return
@@ -236,13 +299,13 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     return native if isinstance(native, asyncio.AbstractEventLoop) else None
 
 
-def _readable_for(fd: int) -> _Readable:
+def _reader_for(fd: int, loop: asyncio.AbstractEventLoop | None) -> _Reader:
+    if loop is not None:
+        return _AsyncioReader(fd, loop)
     native = anyio.lowlevel.current_token().native_token
-    if isinstance(native, asyncio.AbstractEventLoop):
-        return _AsyncioReadable(fd)
     if type(native).__module__.split(".", 1)[0] == "trio":
-        return _TrioReadable(fd)
-    return _Readable(fd)
+        return _TrioReader(fd)
+    return _Reader(fd)
 
 
 class _Worker:
@@ -255,7 +318,7 @@ class _Worker:
         "idle_since",
         "pid",
         "proc",
-        "readable",
+        "reader",
         "ready",
         "req",
         "req_fd",
@@ -263,12 +326,19 @@ class _Worker:
         "res_fd",
         "retiring",
         "scope",
+        "sent",
         "stopped_by_pool",
         "usage",
         "watch_scope",
     )
 
-    def __init__(self, proc: AsyncProcess, req: Connection, res: Connection) -> None:
+    def __init__(
+        self,
+        proc: AsyncProcess,
+        req: Connection,
+        res: Connection,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self.proc = proc
         self.pid: int = proc.pid  # type: ignore[assignment]
         self.req, self.res = req, res
@@ -283,24 +353,53 @@ class _Worker:
         self.retiring = False
         self.stopped_by_pool = False
         self.scope: anyio.CancelScope | None = None
+        #: The answer being read for a call its releaser sent ahead.
+        self.sent: _wire.Incoming | None = None
         self.exited = anyio.Event()
         self.exitcode: int | None = None
         self.usage: ResourceUsage | None = None
         # Shielded: the pool's group lives inside its user's scopes, whose cancellation
         # must not stop the watching (closing waits for the exits it reports).
         self.watch_scope = anyio.CancelScope(shield=True)
-        self.readable = _readable_for(self.res_fd)
+        self.reader = _reader_for(self.res_fd, loop)
 
 
 class _Waiter:
-    __slots__ = ("event", "granted", "worker")
+    """A call waiting for a worker; ``grant()`` wakes it.  On asyncio a future of
+    the loop's (an ``anyio.Event`` costs several times as much to make and set)."""
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
+    __slots__ = ("_event", "_future", "ahead", "granted", "worker")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, ahead: list[Any] | None) -> None:
+        #: A request that the worker's releaser may send itself (``Pool._send_ahead``).
+        self.ahead = ahead
+        self._future: asyncio.Future[None] | None = None if loop is None else loop.create_future()
+        self._event = anyio.Event() if loop is None else None
         #: None while waiting; then "worker" (in ``worker``), "slot" (the right to
         #: start one) or "closed" (the pool closed).
         self.granted: str | None = None
         self.worker: _Worker | None = None
+
+    def grant(self, what: str, worker: _Worker | None = None) -> None:
+        self.granted, self.worker = what, worker
+        if self._future is not None:
+            if not self._future.done():
+                self._future.set_result(None)
+        else:
+            assert self._event is not None
+            self._event.set()
+
+    def future(self) -> asyncio.Future[None] | None:
+        """The future it waits on, while it waits (asyncio)."""
+        future = self._future
+        return None if future is None or future.done() else future
+
+    async def wait(self) -> None:
+        if self._future is not None:
+            await self._future
+        else:
+            assert self._event is not None
+            await self._event.wait()
 
 
 class Pool:
@@ -438,8 +537,7 @@ class Pool:
         """Tell every worker to exit (stop the busy ones unless *graceful*); wait for them."""
         self._shutting_down = True
         for waiter in self._waiters:
-            waiter.granted = "closed"
-            waiter.event.set()
+            waiter.grant("closed")
         self._waiters.clear()
         for state in list(self._maps):
             state.scope.cancel()
@@ -472,7 +570,7 @@ class Pool:
                 )
                 adopt(w.proc)
                 w.watch_scope.cancel()
-                w.readable.close()  # unregistered before its descriptor is closed
+                w.reader.close()  # unregistered before its descriptor is closed
                 self._close_fds(w)
                 self._all.discard(w)
         while self._tasks:
@@ -521,7 +619,7 @@ class Pool:
         finally:
             req_r.close()
             res_w.close()
-        w = _Worker(proc, req_w, res_r)
+        w = _Worker(proc, req_w, res_r, self._loop)
         if self._shutting_down:  # the pool closed while this worker started
             with anyio.CancelScope(shield=True):
                 proc.kill()
@@ -592,7 +690,7 @@ class Pool:
         self._slot_freed(w)
         w.exited.set()
         if w.busy:  # the call running on it reads what is left, and raises
-            w.readable.wake()
+            w.reader.wake()
             if w.scope is not None:
                 w.scope.cancel()
         else:
@@ -615,8 +713,7 @@ class Pool:
         if self._waiters and self._state in ("open", "closing"):
             waiter = self._waiters.popleft()
             self._live += 1
-            waiter.granted = "slot"
-            waiter.event.set()
+            waiter.grant("slot")
 
     def _close_fds(self, w: _Worker) -> None:
         _parent_ends.difference_update((w.req_fd, w.res_fd))
@@ -629,28 +726,37 @@ class Pool:
             return
         if w in self._idle:
             self._idle.remove(w)
-        w.readable.close()
+        w.reader.close()
         self._close_fds(w)
         self._all.discard(w)
         if not self._all and self._gone is not None:
             self._gone.set()
 
-    async def _acquire(self) -> _Worker:
+    async def _acquire(self, ahead: list[Any] | None) -> _Worker:
+        if not self._waiters and (self._idle or self._live < self._workers):
+            # Cancelled already: send nothing.  (A waiter is told so by its wait.)
+            await anyio.lowlevel.checkpoint_if_cancelled()
         if self._idle and not self._waiters:
             return self._idle.pop()
         if not self._waiters and self._live < self._workers:
             self._live += 1
-            await anyio.lowlevel.checkpoint_if_cancelled()
             return await self._start_worker()
-        waiter = _Waiter()
+        waiter = _Waiter(self._loop, ahead)
         self._waiters.append(waiter)
         try:
-            await waiter.event.wait()
+            await waiter.wait()
         except BaseException:
+            w = waiter.worker
             if waiter.granted is None:
                 self._waiters.remove(waiter)
-            elif waiter.worker is not None:
-                self._release(waiter.worker, used=False)
+            elif w is not None and w.sent is not None:  # its call runs: stop it
+                w.sent = None
+                if isinstance(w.reader, _AsyncioReader):
+                    w.reader.forget_ahead()
+                with anyio.CancelScope(shield=True):
+                    await self._stop(w)
+            elif w is not None:
+                self._release(w, used=False)
             elif waiter.granted == "slot":
                 self._slot_freed()
             raise
@@ -671,13 +777,32 @@ class Pool:
             self._retire(w)
         elif self._waiters:
             waiter = self._waiters.popleft()
-            waiter.granted, waiter.worker = "worker", w
-            waiter.event.set()
+            if not self._send_ahead(w, waiter):
+                waiter.grant("worker", w)
             return
         else:
-            w.idle_since = anyio.current_time()
+            w.idle_since = anyio.current_time() if self._loop is None else self._loop.time()
             self._idle.append(w)
         self._check_quiet()
+
+    def _send_ahead(self, w: _Worker, waiter: _Waiter) -> bool:
+        """Send the waiter's request and read its answer before its task runs, if it
+        can be (asyncio, a small request, no timeout): the worker starts at once,
+        and the waiter's task wakes once, with its answer there.  A waiter
+        cancelled after this stops the worker, as any call that has started does."""
+        future = waiter.future()
+        reader = w.reader
+        if waiter.ahead is None or future is None or not isinstance(reader, _AsyncioReader):
+            return False
+        try:
+            os.writev(w.req_fd, waiter.ahead)  # at most PIPE_BUF bytes: all of it, or nothing
+        except OSError:  # let the call find out
+            return False
+        w.busy = True
+        w.sent = _wire.Incoming()
+        reader.read_ahead(w.sent, future)
+        waiter.granted, waiter.worker = "worker", w
+        return True
 
     def _check_quiet(self) -> None:
         if self._quiet is not None and not self._busy and not self._waiters:
@@ -745,10 +870,10 @@ class Pool:
             ) from exc
         parts = _wire.frame(None, body, buffers)
         del body, buffers
-        await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: send nothing
+        small = timeout is None and len(parts) == 2 and len(parts[0]) + len(parts[1]) <= _AHEAD
         self._busy += 1
         try:
-            w = await self._acquire()
+            w = await self._acquire(parts if small else None)
         except BaseException:
             self._busy -= 1
             self._check_quiet()
@@ -762,7 +887,8 @@ class Pool:
     async def _call(
         self, w: _Worker, func: Callable[..., T], parts: list[Any], limit: float | None
     ) -> T:
-        inc = _wire.Incoming()
+        sent, w.sent = w.sent, None
+        inc = sent or _wire.Incoming()
         hello = None if w.ready else _wire.Incoming()
         small = len(parts) == 2 and len(parts[0]) + len(parts[1]) <= _SMALL
         w.busy = True
@@ -771,8 +897,9 @@ class Pool:
                 # The common case: no deadline, a request the empty pipe takes at
                 # once, and the watcher wakes the wait if the worker dies.
                 await self._exchange(
-                    w, parts, small=small, hello=hello, inc=inc, limit=None, func=func
-                )
+                    w, parts, small=small, hello=hello, inc=inc, limit=None, func=func,
+                    sent=sent is not None,
+                )  # fmt: skip
             else:
                 # The deadline runs from the moment the worker is ready (a new one
                 # says so); the watcher cancels the scope if the worker dies.
@@ -845,12 +972,15 @@ class Pool:
         inc: _wire.Incoming,
         limit: float | None,
         func: Callable[..., object],
+        sent: bool = False,
     ) -> None:
-        """Send the request, read the answer (and first "ready"); return early if the
-        worker exits."""
+        """Send the request (unless *sent* ahead), read the answer (and first
+        "ready"); return early if the worker exits."""
         try:
             written = 0
-            if small:
+            if sent:
+                pass
+            elif small:
                 # An idle worker's pipe is empty: a small request goes in one call.
                 with contextlib.suppress(BlockingIOError):
                     written = os.writev(w.req_fd, parts)
@@ -871,22 +1001,11 @@ class Pool:
 
     async def _read(self, w: _Worker, inc: _wire.Incoming) -> bool:
         """Read a frame from the worker: True once complete, False if it exited first."""
-        wait = w.readable.wait
-        fd = w.res_fd
-        while True:
-            await wait()
-            while True:
-                done = inc.read_some(fd, _wire.BUDGET)
-                if done:
-                    return True
-                if inc.eof:  # it exited (or is exiting): its watcher says when
-                    await w.exited.wait()
-                    return False
-                if done is False:
-                    break
-                await anyio.lowlevel.checkpoint()
-            if w.exited.is_set():
-                return False
+        if await w.reader.read(inc):
+            return True
+        if inc.eof:  # it exited (or is exiting): its watcher says when
+            await w.exited.wait()
+        return False
 
     def _hello(self, w: _Worker, hello: _wire.Incoming, func: Callable[..., object]) -> None:
         meta = hello.meta()

@@ -7,7 +7,8 @@ process, one after the other, each with 2 workers warmed up first:
   with the parent's CPU per call and the threads it had meanwhile;
 - 40 CPU-bound calls of 50 ms (the ideal: 40 x 50 ms / 2 workers);
 - the event loop's longest block while a 100 MiB argument or result passes
-  (a heartbeat task that sleeps 1 ms and records how late it wakes), for
+  (a heartbeat task that sleeps 1 ms and records how late it wakes, also less
+  the time the kernel kept the loop's thread waiting for a CPU), for
   ``Pool`` and ``run``.
 
 Peers, on the same loop, interleaved with the Pool round by round:
@@ -124,37 +125,70 @@ async def _measure(ways: dict[str, Call], calls: int, concurrent: int, me: Any) 
     return out
 
 
+class _RunQueueWait:
+    """How long this thread has waited for a CPU while ready to run, in seconds
+    (``/proc/thread-self/schedstat``, Linux); 0.0 where that is not known."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def __call__(self) -> float:
+        if self._fd is None:
+            return 0.0
+        return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+
 async def _longest_block(
     work: Callable[[], Awaitable[object]], repeat: int = 5
-) -> tuple[float, float]:
-    """The loop's longest stall while *work* runs, in ms, as (wall, CPU): the medians
-    of *repeat* runs.  Wall is how late a 1 ms heartbeat woke; CPU is the time the
-    loop's thread itself ran within that late gap, which leaves out the moments a
-    busy machine gave the thread's core to another process."""
+) -> tuple[float, float, float]:
+    """The loop's longest stall while *work* runs, in ms, as (wall, CPU, ready):
+    the medians of *repeat* runs.  Wall is how late a 1 ms heartbeat woke; CPU is
+    the time the loop's thread itself ran within that late gap's interval, which
+    leaves out the moments a busy machine gave the thread's core to another
+    process; ready is the wall lateness less the time the thread waited for a
+    CPU meanwhile (the kernel's run-queue wait): the stall that is the loop's
+    own, on the same clock as wall, however busy the machine."""
     runs = [await _longest_block_once(work) for _ in range(repeat)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    return (
+        statistics.median(r[0] for r in runs),
+        statistics.median(r[1] for r in runs),
+        statistics.median(r[2] for r in runs),
+    )
 
 
-async def _longest_block_once(work: Callable[[], Awaitable[object]]) -> tuple[float, float]:
-    worst = worst_cpu = 0.0
+async def _longest_block_once(work: Callable[[], Awaitable[object]]) -> tuple[float, float, float]:
+    worst = worst_cpu = worst_ready = 0.0
     done = False
+    waited = _RunQueueWait()
 
     async def heartbeat() -> None:
-        nonlocal worst, worst_cpu
+        nonlocal worst, worst_cpu, worst_ready
         while not done:
-            t, cpu = time.perf_counter(), time.thread_time()
+            t, cpu, wait = time.perf_counter(), time.thread_time(), waited()
             await anyio.sleep(0.001)
-            worst = max(worst, time.perf_counter() - t - 0.001)
+            late = time.perf_counter() - t - 0.001
+            worst = max(worst, late)
             worst_cpu = max(worst_cpu, time.thread_time() - cpu)
+            worst_ready = max(worst_ready, late - (waited() - wait))
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(heartbeat)
-        await anyio.sleep(0.01)
-        worst = worst_cpu = 0.0
-        result = await work()
-        done = True
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeat)
+            await anyio.sleep(0.01)
+            worst = worst_cpu = worst_ready = 0.0
+            result = await work()
+            done = True
+    finally:
+        waited.close()
     del result  # freeing 100 MiB takes 10 ms here: the caller's, not the transfer's
-    return 1000 * worst, 1000 * worst_cpu
+    return 1000 * worst, 1000 * worst_cpu, 1000 * worst_ready
 
 
 async def backend_case(backend: str, calls: int, concurrent: int, me: Any) -> dict[str, Any]:
@@ -184,12 +218,13 @@ async def backend_case(backend: str, calls: int, concurrent: int, me: Any) -> di
         arg = await _longest_block(lambda: pool.run(me.length, big))
         res = await _longest_block(lambda: pool.run(me.make, SIZE))
         row = result["Pool"]
-        row["100MiB arg block ms (wall)"], row["100MiB arg block ms (CPU)"] = arg
-        row["100MiB result block ms (wall)"], row["100MiB result block ms (CPU)"] = res
+        for what, figures in (("arg", arg), ("result", res)):
+            for kind, value in zip(("wall", "CPU", "ready"), figures, strict=True):
+                row[f"100MiB {what} block ms ({kind})"] = value
     return result
 
 
-async def run_case(me: Any) -> dict[str, tuple[float, float]]:
+async def run_case(me: Any) -> dict[str, tuple[float, float, float]]:
     big = bytes(SIZE)
     out = {}
     for method in ("fork", "spawn"):
@@ -238,8 +273,8 @@ def main() -> None:
             f"threads {pool['threads']}"
         )
     if not opts.skip_payloads:
-        for k, (wall, cpu) in anyio.run(run_case, me).items():
-            print(f"{k}: wall {wall:.2f}, CPU {cpu:.2f}")
+        for k, (wall, cpu, ready) in anyio.run(run_case, me).items():
+            print(f"{k}: wall {wall:.2f}, CPU {cpu:.2f}, wall less run-queue wait {ready:.2f}")
     print(f"pid {os.getpid()}, {os.cpu_count()} CPUs")
 
 
