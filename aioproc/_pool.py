@@ -68,12 +68,7 @@ wait on it, and the loop's reader callback reads the frame itself, so the
 call resumes once, with its answer complete; a call waiting for a worker waits
 on a future of the loop.  A worker that has answered looks for its next
 request for a moment before it sleeps (``_poolworker.SPIN``): a sequence of
-calls then finds it awake.  When a call ends and another waits for its worker,
-the ending call sends the waiter's request itself if it is small and has no
-timeout (``_send_ahead``, asyncio), and the loop reads the answer into the
-waiter's call: the worker starts at once, and the waiter's task wakes once,
-with its answer there.  Such a waiter, cancelled before it has woken, stops
-the worker, as a cancelled call that has started does.
+calls then finds it awake.
 """
 
 from __future__ import annotations
@@ -83,7 +78,6 @@ import contextlib
 import math
 import multiprocessing
 import os
-import select
 import sys
 import warnings
 from collections import deque
@@ -130,7 +124,6 @@ PosArgsT = TypeVarTuple("PosArgsT")
 
 _EXIT = _wire.frame(("exit",))
 _SMALL = 1 << 15  # a request this small is written at once (an idle worker's pipe is empty)
-_AHEAD = select.PIPE_BUF  # a request this small may be sent by the worker's releaser
 
 # Every pool's ends of its workers' pipes in this process: a fork worker closes
 # the ones it inherited, so that a worker's pipes are held by it and us only.
@@ -213,22 +206,7 @@ class _AsyncioReader(_Reader):
         self._inc: _wire.Incoming | None = None
         self._registered = False
 
-    def read_ahead(self, inc: _wire.Incoming, future: asyncio.Future[None]) -> None:
-        """Read *inc* for a call sent ahead (``Pool._send_ahead``): *future*, its
-        waiter's, is done once *inc* is complete, at the pipe's end, or woken."""
-        self._future, self._inc = future, inc  # type: ignore[assignment]
-        if not self._registered:
-            self._loop.add_reader(self._fd, self._ready)
-            self._registered = True
-
-    def forget_ahead(self) -> None:
-        self._future = self._inc = None
-
     async def read(self, inc: _wire.Incoming) -> bool:
-        if self._inc is inc:  # read ahead, its waiter woken: complete, or the worker exited
-            self._future = self._inc = None
-            if inc.complete or inc.eof:
-                return inc.complete
         if self._woken:
             return await super().read(inc)
         future = self._future = self._loop.create_future()
@@ -326,7 +304,6 @@ class _Worker:
         "res_fd",
         "retiring",
         "scope",
-        "sent",
         "stopped_by_pool",
         "usage",
         "watch_scope",
@@ -353,8 +330,6 @@ class _Worker:
         self.retiring = False
         self.stopped_by_pool = False
         self.scope: anyio.CancelScope | None = None
-        #: The answer being read for a call its releaser sent ahead.
-        self.sent: _wire.Incoming | None = None
         self.exited = anyio.Event()
         self.exitcode: int | None = None
         self.usage: ResourceUsage | None = None
@@ -368,12 +343,10 @@ class _Waiter:
     """A call waiting for a worker; ``grant()`` wakes it.  On asyncio a future of
     the loop's (an ``anyio.Event`` costs several times as much to make and set)."""
 
-    __slots__ = ("_event", "_future", "ahead", "granted", "worker")
+    __slots__ = ("_event", "_future", "granted", "worker")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None, ahead: list[Any] | None) -> None:
-        #: A request that the worker's releaser may send itself (``Pool._send_ahead``).
-        self.ahead = ahead
-        self._future: asyncio.Future[None] | None = None if loop is None else loop.create_future()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._future = None if loop is None else loop.create_future()
         self._event = anyio.Event() if loop is None else None
         #: None while waiting; then "worker" (in ``worker``), "slot" (the right to
         #: start one) or "closed" (the pool closed).
@@ -388,11 +361,6 @@ class _Waiter:
         else:
             assert self._event is not None
             self._event.set()
-
-    def future(self) -> asyncio.Future[None] | None:
-        """The future it waits on, while it waits (asyncio)."""
-        future = self._future
-        return None if future is None or future.done() else future
 
     async def wait(self) -> None:
         if self._future is not None:
@@ -732,31 +700,22 @@ class Pool:
         if not self._all and self._gone is not None:
             self._gone.set()
 
-    async def _acquire(self, ahead: list[Any] | None) -> _Worker:
-        if not self._waiters and (self._idle or self._live < self._workers):
-            # Cancelled already: send nothing.  (A waiter is told so by its wait.)
-            await anyio.lowlevel.checkpoint_if_cancelled()
+    async def _acquire(self) -> _Worker:
         if self._idle and not self._waiters:
             return self._idle.pop()
         if not self._waiters and self._live < self._workers:
             self._live += 1
+            await anyio.lowlevel.checkpoint_if_cancelled()
             return await self._start_worker()
-        waiter = _Waiter(self._loop, ahead)
+        waiter = _Waiter(self._loop)
         self._waiters.append(waiter)
         try:
             await waiter.wait()
         except BaseException:
-            w = waiter.worker
             if waiter.granted is None:
                 self._waiters.remove(waiter)
-            elif w is not None and w.sent is not None:  # its call runs: stop it
-                w.sent = None
-                if isinstance(w.reader, _AsyncioReader):
-                    w.reader.forget_ahead()
-                with anyio.CancelScope(shield=True):
-                    await self._stop(w)
-            elif w is not None:
-                self._release(w, used=False)
+            elif waiter.worker is not None:
+                self._release(waiter.worker, used=False)
             elif waiter.granted == "slot":
                 self._slot_freed()
             raise
@@ -777,32 +736,12 @@ class Pool:
             self._retire(w)
         elif self._waiters:
             waiter = self._waiters.popleft()
-            if not self._send_ahead(w, waiter):
-                waiter.grant("worker", w)
+            waiter.grant("worker", w)
             return
         else:
-            w.idle_since = anyio.current_time() if self._loop is None else self._loop.time()
+            w.idle_since = anyio.current_time()
             self._idle.append(w)
         self._check_quiet()
-
-    def _send_ahead(self, w: _Worker, waiter: _Waiter) -> bool:
-        """Send the waiter's request and read its answer before its task runs, if it
-        can be (asyncio, a small request, no timeout): the worker starts at once,
-        and the waiter's task wakes once, with its answer there.  A waiter
-        cancelled after this stops the worker, as any call that has started does."""
-        future = waiter.future()
-        reader = w.reader
-        if waiter.ahead is None or future is None or not isinstance(reader, _AsyncioReader):
-            return False
-        try:
-            os.writev(w.req_fd, waiter.ahead)  # at most PIPE_BUF bytes: all of it, or nothing
-        except OSError:  # let the call find out
-            return False
-        w.busy = True
-        w.sent = _wire.Incoming()
-        reader.read_ahead(w.sent, future)
-        waiter.granted, waiter.worker = "worker", w
-        return True
 
     def _check_quiet(self) -> None:
         if self._quiet is not None and not self._busy and not self._waiters:
@@ -870,10 +809,10 @@ class Pool:
             ) from exc
         parts = _wire.frame(None, body, buffers)
         del body, buffers
-        small = timeout is None and len(parts) == 2 and len(parts[0]) + len(parts[1]) <= _AHEAD
+        await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: send nothing
         self._busy += 1
         try:
-            w = await self._acquire(parts if small else None)
+            w = await self._acquire()
         except BaseException:
             self._busy -= 1
             self._check_quiet()
@@ -887,8 +826,7 @@ class Pool:
     async def _call(
         self, w: _Worker, func: Callable[..., T], parts: list[Any], limit: float | None
     ) -> T:
-        sent, w.sent = w.sent, None
-        inc = sent or _wire.Incoming()
+        inc = _wire.Incoming()
         hello = None if w.ready else _wire.Incoming()
         small = len(parts) == 2 and len(parts[0]) + len(parts[1]) <= _SMALL
         w.busy = True
@@ -897,9 +835,8 @@ class Pool:
                 # The common case: no deadline, a request the empty pipe takes at
                 # once, and the watcher wakes the wait if the worker dies.
                 await self._exchange(
-                    w, parts, small=small, hello=hello, inc=inc, limit=None, func=func,
-                    sent=sent is not None,
-                )  # fmt: skip
+                    w, parts, small=small, hello=hello, inc=inc, limit=None, func=func
+                )
             else:
                 # The deadline runs from the moment the worker is ready (a new one
                 # says so); the watcher cancels the scope if the worker dies.
@@ -972,15 +909,12 @@ class Pool:
         inc: _wire.Incoming,
         limit: float | None,
         func: Callable[..., object],
-        sent: bool = False,
     ) -> None:
-        """Send the request (unless *sent* ahead), read the answer (and first
-        "ready"); return early if the worker exits."""
+        """Send the request, read the answer (and first "ready"); return early if the
+        worker exits."""
         try:
             written = 0
-            if sent:
-                pass
-            elif small:
+            if small:
                 # An idle worker's pipe is empty: a small request goes in one call.
                 with contextlib.suppress(BlockingIOError):
                     written = os.writev(w.req_fd, parts)
