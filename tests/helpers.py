@@ -347,6 +347,37 @@ def wait_until_gone(pid: int, deadline: float = DEADLINE) -> None:
         time.sleep(0.0005)
 
 
+def why_not_joined(p: Any) -> str:
+    """What the kernel says about a child whose join did not return: its state and
+    signal masks, and which process the handle's pidfd names (for the failure message)."""
+    facts: list[str] = []
+    pid = p.pid
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            wanted = ("State", "SigQ", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+            facts += [line.strip() for line in f if line.startswith(wanted)]
+    except OSError as exc:
+        facts.append(f"/proc/{pid}/status: {exc}")
+    child = getattr(p, "_child", None)
+    for name, fd in (("pidfd", getattr(child, "pidfd", -1)), ("sentinel", p.sentinel)):
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                named = [line.strip() for line in f if line.startswith("Pid:")]
+            facts.append(f"{name} {fd}: {named[0] if named else 'not a pidfd'}")
+        except OSError as exc:
+            facts.append(f"{name} {fd}: {exc}")
+    return f"pid {pid}: " + "; ".join(facts)
+
+
+async def joined(p: Any, deadline: float = DEADLINE) -> int | None:
+    """``await p.join()``; a join that hangs fails with what the kernel says about the child."""
+    import anyio
+
+    with anyio.move_on_after(deadline):
+        return await p.join()  # type: ignore[no-any-return]
+    raise AssertionError(f"join() did not return within {deadline} s: {why_not_joined(p)}")
+
+
 # -- handshakes --------------------------------------------------------------------
 
 

@@ -54,7 +54,7 @@ def ready_then_wait_for_sigint(conn: Connection) -> None:
     """Exit 42 if SIGINT raises KeyboardInterrupt, as in a fresh interpreter."""
     try:
         conn.send("ready")
-        time.sleep(30)
+        time.sleep(60)  # longer than the test's deadline: alive when a hang is examined
     except KeyboardInterrupt:
         os._exit(42)
     os._exit(1)

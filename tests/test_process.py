@@ -18,7 +18,7 @@ from aioproc import AsyncProcess, _popen
 from aioproc._watchers import pidfd
 
 from . import targets
-from .helpers import DEADLINE, handshake, killed_afterwards, pid_exists, state_of
+from .helpers import DEADLINE, handshake, joined, killed_afterwards, pid_exists, state_of
 
 pytestmark = pytest.mark.anyio
 
@@ -85,8 +85,7 @@ async def test_terminate_kill_and_interrupt(watcher: str) -> None:
     p = started(targets.ready_then_wait_for_sigint, send)
     await handshake(recv)
     p.interrupt()
-    with anyio.fail_after(DEADLINE):
-        assert await p.join() == 42
+    assert await joined(p) == 42
 
 
 async def test_sigint_raises_keyboard_interrupt_in_forked_child() -> None:
@@ -95,8 +94,7 @@ async def test_sigint_raises_keyboard_interrupt_in_forked_child() -> None:
     p = started(targets.ready_then_wait_for_sigint, send, context="fork")
     await handshake(recv)
     p.interrupt()
-    with anyio.fail_after(DEADLINE):
-        assert await p.join() == 42
+    assert await joined(p) == 42
 
 
 async def test_loop_signal_handlers_are_not_inherited(anyio_backend_name: str) -> None:
