@@ -19,7 +19,7 @@ import uvloop
 import aioproc
 from aioproc._watchers import pidfd
 
-from .helpers import children_of_this_process, fork_server_and_helpers, pid_steering, state_of
+from .helpers import children_of_this_process, fork_server_and_helpers, state_of
 
 pytest_plugins = ["tests.dask_fixtures"]  # the Dask tests' cluster
 
@@ -69,13 +69,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 if combination_works(b, w)
             ],
         )
-
-
-@pytest.fixture(autouse=True)
-def _pid_steering(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Tests marked ``steers_pids`` run while no other test runs (helpers.pid_steering)."""
-    with pid_steering(request.node.get_closest_marker("steers_pids") is not None):
-        yield
 
 
 @pytest.fixture(autouse=True)

@@ -26,34 +26,6 @@ def children_of_this_process() -> set[int]:
     return pids
 
 
-#: Files behind ``pid_steering``, shared by every test process on this machine.
-_STEERING_LOCK = "/tmp/aioproc-tests-pid-steering.lock"
-_STEERING_TURNSTILE = "/tmp/aioproc-tests-pid-steering.turnstile"
-
-
-@contextlib.contextmanager
-def pid_steering(steers: bool) -> Iterator[None]:
-    """Keep tests that choose the next pid apart from every other test.
-
-    A test that places a process at a freed pid (``StrangerMaker``) moves the
-    kernel's pid cursor back, so the pids that other tests' children just
-    freed are handed out again: "that pid is gone" would then see a stranger.
-    Such a test (*steers*) runs alone across every test process on the
-    machine (pytest-xdist workers, other checkouts); the others share.  The
-    turnstile lets a waiting steering test in before new sharers.
-    """
-    import fcntl
-
-    with open(_STEERING_TURNSTILE, "a") as turnstile, open(_STEERING_LOCK, "a") as lock:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        if steers:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # the turnstile stays shut until the end
-        else:
-            fcntl.flock(lock, fcntl.LOCK_SH)
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-        yield
-
-
 def fork_server_and_helpers() -> set[int]:
     """Long-lived children multiprocessing keeps on purpose."""
     pids = set()

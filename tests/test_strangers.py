@@ -38,12 +38,9 @@ from .helpers import (
     why_pids_cannot_be_chosen,
 )
 
-pytestmark = [
-    pytest.mark.skipif(
-        why_pids_cannot_be_chosen() is not None, reason=str(why_pids_cannot_be_chosen())
-    ),
-    pytest.mark.steers_pids,
-]
+pytestmark = pytest.mark.skipif(
+    why_pids_cannot_be_chosen() is not None, reason=str(why_pids_cannot_be_chosen())
+)
 
 #: (start method, who frees the pid, new_process_group) for an AsyncProcess.
 FREED = [

@@ -11,9 +11,9 @@ sent to the freed number would reach it too.  It is forked with every
 signal blocked, so whatever is sent to it stays pending, where the test reads
 it from ``/proc/<pid>/status`` (SIGKILL, which cannot be blocked, kills it:
 the test sees a zombie).  The next pid is chosen by writing to
-``/proc/sys/kernel/ns_last_pid`` (root only); the test that uses this helper
-runs while no other test on the machine does (``helpers.pid_steering``).  At
-end of input every stranger is killed and reaped.
+``/proc/sys/kernel/ns_last_pid`` (root only), and put back right after the
+fork, so that the rest of the machine goes on getting new pids.  At end of
+input every stranger is killed and reaped.
 """
 
 from __future__ import annotations
@@ -29,6 +29,20 @@ TRIES = 20
 
 def place(pid: int, strangers: list[int]) -> int:
     """Fork a stranger at *pid*; its pid, or the wrong pid it got (0: none)."""
+    with open(NS_LAST_PID) as f:
+        cursor = f.read().strip()
+    try:
+        return _place(pid, strangers)
+    finally:
+        # The cursor goes back to where it was: left at *pid*, it would hand the
+        # pids that other tests' children have just freed to new processes, and
+        # their "that pid is gone" would see a stranger (pytest-xdist runs
+        # other tests meanwhile).
+        with open(NS_LAST_PID, "w") as f:
+            f.write(cursor)
+
+
+def _place(pid: int, strangers: list[int]) -> int:
     got = 0
     for _ in range(TRIES):
         if os.path.exists(f"/proc/{pid}"):
