@@ -428,10 +428,7 @@ def unwatchable(exc: OSError) -> OSError:
 child_pidfds_work = False
 
 
-#: Off for now: with the pidfd as the only descriptor, a join was seen to miss
-#: its child's exit (once in about ten runs of test_process.py on Python 3.10,
-#: 2026-12-01), not yet explained; children get the stdlib's pipes and a pidfd.
-ONE_DESCRIPTOR_PER_CHILD = False
+ONE_DESCRIPTOR_PER_CHILD = True
 
 
 def _pidfds_here() -> bool:

@@ -50,11 +50,27 @@ def ready_then_sleep(conn: Connection, seconds: float) -> None:
     time.sleep(seconds)
 
 
+def sleep_interruptibly(seconds: float) -> None:
+    """Sleep in short steps, so that a KeyboardInterrupt is raised within one step.
+
+    A SIGINT that arrives after the interpreter last checked for signals and
+    before ``time.sleep`` entered the kernel only raises once that sleep ends:
+    CPython does not look for pending signals before it sleeps.  A child that
+    is preempted right after its "ready" (the parent it woke takes the CPU,
+    as on a busy machine) meets exactly that window: with one long sleep, 1 in
+    500 such children stayed asleep for the whole sleep (measured here with a
+    niced child on one CPU).
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def ready_then_wait_for_sigint(conn: Connection) -> None:
     """Exit 42 if SIGINT raises KeyboardInterrupt, as in a fresh interpreter."""
     try:
         conn.send("ready")
-        time.sleep(60)  # longer than the test's deadline: alive when a hang is examined
+        sleep_interruptibly(60)  # longer than the test's deadline: alive if a hang is examined
     except KeyboardInterrupt:
         os._exit(42)
     os._exit(1)
@@ -444,7 +460,7 @@ def grandchild_then_sleep(conn: Connection, ignore_sigterm: bool) -> None:
     try:
         conn.send(start_grandchild(ignore_sigterm))
         conn.close()
-        time.sleep(60)
+        sleep_interruptibly(60)
     except KeyboardInterrupt:
         os._exit(3)
 

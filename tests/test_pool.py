@@ -58,6 +58,14 @@ def ready_then_sleep(path: str, seconds: float) -> float:
     return seconds
 
 
+def ready_then_wait(path: str, go: str) -> str:
+    """Say "ready" (our pid) through the FIFO at *path*, then return once *go* says so."""
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    with open(go) as f:
+        return f.readline().strip()
+
+
 def ignore_sigterm_ready_then_sleep(path: str, seconds: float) -> float:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return ready_then_sleep(path, seconds)
@@ -120,6 +128,18 @@ async def coroutine_function() -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def go_fifo(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """A FIFO a worker waits on (``ready_then_wait``), and our write end."""
+    path = tmp_path / "go"
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDWR)  # never blocks, and the worker's open does not either
+    try:
+        yield str(path), fd
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -247,10 +267,15 @@ async def test_argument_that_cannot_be_rebuilt_in_the_worker(context: str) -> No
 
 @pytest.mark.parametrize("context", CONTEXTS)
 async def test_worker_killed_from_outside_fails_only_its_call(context: str, tmp_path: Path) -> None:
-    with anyio.fail_after(DEADLINE), fifo(tmp_path) as (path, fd), fifo(tmp_path, "2") as (p2, fd2):
+    with (
+        anyio.fail_after(DEADLINE),
+        fifo(tmp_path) as (path, fd),
+        fifo(tmp_path, "2") as (p2, fd2),
+        go_fifo(tmp_path) as (go_path, go),
+    ):
         async with aioproc.Pool(2, context=context) as pool:
             outcome: list[BaseException] = []
-            survivor: list[float] = []
+            survivor: list[str] = []
 
             async def call() -> None:
                 try:
@@ -259,7 +284,7 @@ async def test_worker_killed_from_outside_fails_only_its_call(context: str, tmp_
                     outcome.append(exc)
 
             async def other_call() -> None:
-                survivor.append(await pool.run(ready_then_sleep, p2, 5.0))
+                survivor.append(await pool.run(ready_then_wait, p2, go_path))
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(call)
@@ -270,6 +295,8 @@ async def test_worker_killed_from_outside_fails_only_its_call(context: str, tmp_
                 while not outcome:
                     await anyio.sleep(0.001)
                 assert survivor == []  # it failed while the other call still ran
+                assert pid_exists(other)
+                os.write(go, b"done\n")
             (err,) = outcome
             assert isinstance(err, ProcessDied)
             assert (err.pid, err.exitcode) == (pid, -9)
@@ -277,7 +304,7 @@ async def test_worker_killed_from_outside_fails_only_its_call(context: str, tmp_
                 f"pool worker {pid} running ready_then_sleep() died with SIGKILL (exit code -9) "
                 "before returning a result"
             )
-            assert survivor == [5.0]  # the other worker was left alone
+            assert survivor == ["done"]  # the other worker was left alone
             assert reaped(pid)
             assert pid_exists(other)
             assert await pool.run(targets.add, 1, 2) == 3  # the pool is not broken
@@ -301,36 +328,48 @@ async def test_crashes_are_process_died_with_the_signal() -> None:
 
 @pytest.mark.parametrize("context", CONTEXTS)
 async def test_timeout_stops_only_that_worker(context: str, tmp_path: Path) -> None:
-    with anyio.fail_after(DEADLINE), fifo(tmp_path) as (path, fd), fifo(tmp_path, "2") as (p2, fd2):
-        async with aioproc.Pool(2, context=context) as pool:
+    with (
+        anyio.fail_after(DEADLINE),
+        fifo(tmp_path) as (path, fd),
+        fifo(tmp_path, "2") as (p2, fd2),
+        go_fifo(tmp_path) as (go_path, go),
+    ):
+        # The worker dies of the SIGTERM at once; a generous grace keeps a busy
+        # machine (a fork server slow to report the exit) from turning that
+        # into a SIGKILL and another message.
+        async with aioproc.Pool(2, context=context, grace=DEADLINE / 4) as pool:
             outcome: list[BaseException] = []
-            survivor: list[float] = []
+            survivor: list[str] = []
 
             async def call() -> None:
                 try:
-                    await pool.run(grandchild_ready_then_sleep, path, 60, timeout=2)
+                    await pool.run(grandchild_ready_then_sleep, path, 60, timeout=1)
                 except ProcessTimeout as exc:
                     outcome.append(exc)
 
             async def other_call() -> None:
-                survivor.append(await pool.run(ready_then_sleep, p2, 3.0))
+                survivor.append(await pool.run(ready_then_wait, p2, go_path))
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(call)
                 tg.start_soon(other_call)
                 pid, grandchild = await ready(fd)
                 (other,) = await ready(fd2)
+                while not outcome:
+                    await anyio.sleep(0.001)
+                assert survivor == []  # the timeout stopped its call while the other ran
+                os.write(go, b"done\n")
             (err,) = outcome
             assert isinstance(err, ProcessTimeout)
             assert isinstance(err, TimeoutError)
             assert (err.pid, err.exitcode) == (pid, -signal.SIGTERM)
             assert str(err) == (
                 f"pool worker {pid} running grandchild_ready_then_sleep() did not finish "
-                "within 2 s; it was sent SIGTERM and reaped (exit code -15)"
+                "within 1 s; it was sent SIGTERM and reaped (exit code -15)"
             )
             assert reaped(pid)
             assert exited_soon(grandchild)  # its group was stopped with it
-            assert survivor == [3.0]
+            assert survivor == ["done"]
             assert pid_exists(other)
             assert await pool.run(targets.add, 1, 2) == 3
 
