@@ -350,6 +350,20 @@ async def joined(p: Any, deadline: float = DEADLINE) -> int | None:
     raise AssertionError(f"join() did not return within {deadline} s: {why_not_joined(p)}")
 
 
+async def warmed_up(context: str) -> None:
+    """Start and join one child with *context*, so that what a process sets up once
+    for its children (the fork server, the resource tracker, and the pidfd that
+    shows that children's pidfds work here) is not counted as a test's."""
+    from aioproc import AsyncProcess
+
+    from . import targets
+
+    p = AsyncProcess(target=targets.noop, context=context)
+    p.start()
+    assert await joined(p) == 0
+    p.close()
+
+
 # -- handshakes --------------------------------------------------------------------
 
 
