@@ -53,9 +53,13 @@ def _is_open(fd: int) -> bool:
 
 
 def fork_server_fd() -> set[int]:
-    """The pipe multiprocessing keeps to its fork server (renewed with the server)."""
-    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    return {fd} if fd is not None else set()
+    """What this process keeps once it has started a forkserver child: the pipe
+    multiprocessing keeps to its fork server (renewed with the server), and the
+    pidfd of this process that aioproc sends to every forkserver child."""
+    from aioproc import _popen
+
+    fds = {getattr(forkserver._forkserver, "_forkserver_alive_fd", None), _popen._own_pidfd}
+    return {fd for fd in fds if fd is not None and fd >= 0}
 
 
 def pid_exists(pid: int) -> bool:
@@ -72,6 +76,15 @@ def state_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of *pid*, from /proc/<pid>/stat; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
     except FileNotFoundError:
         return None
 
