@@ -53,6 +53,7 @@ from multiprocessing import (
 from multiprocessing.context import set_spawning_popen
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from . import _fds
 from ._usage import ResourceUsage
 
 if TYPE_CHECKING:
@@ -438,6 +439,46 @@ def _pidfds_here() -> bool:
     return ONE_DESCRIPTOR_PER_CHILD and child_pidfds_work and pidfd.is_supported()
 
 
+#: A pidfd of this process, passed to every forkserver child as its sign that
+#: its parent lives (``ForkServerPopen``); -1 until opened.  A forked child
+#: forgets it (it names the parent there) and, if an AsyncProcess, closes it
+#: with the parent's other descriptors (``_fds``).
+_own_pidfd = -1
+_own_pidfd_lock = threading.Lock()  # threads starting children: one is opened
+
+
+def own_pidfd() -> int:
+    """A pidfd of this process, opened once; -1 where pidfds cannot be used here.
+
+    Raises ``OSError`` when descriptors ran out.
+    """
+    global _own_pidfd
+    from ._watchers import pidfd  # noqa: PLC0415 - a cycle at import time
+
+    if not (ONE_DESCRIPTOR_PER_CHILD and pidfd.is_supported()):
+        return -1
+    with _own_pidfd_lock:
+        if _own_pidfd < 0:
+            try:
+                fd = os.pidfd_open(os.getpid())
+            except OSError as exc:
+                if exc.errno not in pidfd.UNSUPPORTED_ERRNOS:
+                    raise
+                return -1
+            _fds.hold(fd)
+            _own_pidfd = fd
+        return _own_pidfd
+
+
+def _forget_own_pidfd() -> None:
+    global _own_pidfd, _own_pidfd_lock
+    _own_pidfd = -1
+    _own_pidfd_lock = threading.Lock()  # another thread may have held it
+
+
+os.register_at_fork(after_in_child=_forget_own_pidfd)
+
+
 def _run_forked_child(
     process_obj: BaseProcess, unused: tuple[int, ...], sentinel: int | None
 ) -> None:
@@ -601,7 +642,16 @@ def _reserve_descriptors(count: int) -> None:
 
 
 class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
-    """forkserver: the fork server forks the child and reaps it; we get its exit code."""
+    """forkserver: the fork server forks the child and reaps it; we get its exit code.
+
+    Two descriptors per child in the parent: the server's status pipe (the
+    ``sentinel``, where the pid and then the exit code arrive) and the pidfd
+    the handle opens.  The data pipe is closed once the data is sent: the
+    child watches its parent through a pidfd of the parent (``own_pidfd``),
+    sent with the request, instead of the stdlib's "parent lives" pipe, a
+    duplicate of the data pipe kept open in the parent.  Without pidfds, the
+    stdlib's way: the status pipe and that duplicate.
+    """
 
     method = "forkserver"
     reaped_here: ClassVar[bool] = False
@@ -614,23 +664,31 @@ class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
 
     def _launch(self, process_obj: BaseProcess) -> None:
         try:
+            lifeline = own_pidfd()
+            # The child's sign that its parent lives, sent with the request
+            # (SCM_RIGHTS) as the stdlib sends a pickled object's descriptors.
+            process_obj._parent_pidfd = (  # type: ignore[attr-defined]
+                None if lifeline < 0 else self.DupFd(self.duplicate_for_child(lifeline))
+            )
             self._data = self._pickled(process_obj)
             forkserver.ensure_running()
             _reserve_descriptors(_FORKSERVER_CLIENT_FDS)
             self.sentinel, w = forkserver.connect_to_new_process(self._fds)
-            try:
-                # As the stdlib: a duplicate of the data pipe's write end stays
-                # open as the child's sign that its parent lives.
-                parent_w = os.dup(w)
-            except BaseException:
-                os.close(w)
-                os.close(self.sentinel)
-                raise
+            kept: tuple[int, ...] = (self.sentinel,)
+            if lifeline < 0:
+                try:
+                    # As the stdlib: a duplicate of the data pipe's write end stays
+                    # open as the child's sign that its parent lives.
+                    kept = (os.dup(w), self.sentinel)
+                except BaseException:
+                    os.close(w)
+                    os.close(self.sentinel)
+                    raise
             self._data_fd = w
             self.finalizer = _Closer(
                 self,
                 util.close_fds,  # type: ignore[attr-defined]
-                (parent_w, self.sentinel),
+                kept,
             )
             if not self._deferred:
                 self.finish()

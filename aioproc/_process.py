@@ -31,6 +31,8 @@ from ._tree import (
 )
 
 if TYPE_CHECKING:
+    from multiprocessing.popen_forkserver import _DupFd
+
     from ._child import Child
     from ._popen import AioprocPopen
     from ._start import Around
@@ -99,6 +101,9 @@ class AsyncProcess(mp_process.BaseProcess):
     #: Set by the Popen: the child watches its parent through a pidfd of its own,
     #: not through an inherited pipe (one descriptor per child in the parent).
     _parent_by_pidfd = False
+    #: Set by the forkserver Popen: a pidfd of the parent, sent with the request
+    #: (a ``DupFd``), which the child watches instead of the data pipe.
+    _parent_pidfd: _DupFd | None = None
 
     if TYPE_CHECKING:  # BaseProcess's private attributes, which typeshed leaves out
         _popen: AioprocPopen | None
@@ -476,6 +481,13 @@ class AsyncProcess(mp_process.BaseProcess):
             if parent_sentinel is not None:  # spawn's: the data pipe, at its end
                 os.close(parent_sentinel)
             parent_sentinel = watch_parent(self._parent_pid)
+        elif self._parent_pidfd is not None:
+            # forkserver's is a duplicate of the data pipe, which reads as "gone"
+            # once the parent has sent the data and closed its end.
+            if parent_sentinel is not None:
+                os.close(parent_sentinel)
+            parent_sentinel = self._parent_pidfd.detach()
+            self._parent_pidfd = None
         # Before anything of the user's runs: it may start processes at once.
         if self._die_with_parent and self._lifeline_parent is not None:
             arm_lifeline(self._lifeline_parent, self._lifeline_thread)

@@ -53,9 +53,13 @@ def _is_open(fd: int) -> bool:
 
 
 def fork_server_fd() -> set[int]:
-    """The pipe multiprocessing keeps to its fork server (renewed with the server)."""
-    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    return {fd} if fd is not None else set()
+    """What this process keeps once it has started a forkserver child: the pipe
+    multiprocessing keeps to its fork server (renewed with the server), and the
+    pidfd of this process that aioproc sends to every forkserver child."""
+    from aioproc import _popen
+
+    fds = {getattr(forkserver._forkserver, "_forkserver_alive_fd", None), _popen._own_pidfd}
+    return {fd for fd in fds if fd is not None and fd >= 0}
 
 
 def pid_exists(pid: int) -> bool:
@@ -72,6 +76,15 @@ def state_of(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of *pid*, from /proc/<pid>/stat; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
     except FileNotFoundError:
         return None
 
@@ -348,6 +361,20 @@ async def joined(p: Any, deadline: float = DEADLINE) -> int | None:
     with anyio.move_on_after(deadline):
         return await p.join()  # type: ignore[no-any-return]
     raise AssertionError(f"join() did not return within {deadline} s: {why_not_joined(p)}")
+
+
+async def warmed_up(context: str) -> None:
+    """Start and join one child with *context*, so that what a process sets up once
+    for its children (the fork server, the resource tracker, and the pidfd that
+    shows that children's pidfds work here) is not counted as a test's."""
+    from aioproc import AsyncProcess
+
+    from . import targets
+
+    p = AsyncProcess(target=targets.noop, context=context)
+    p.start()
+    assert await joined(p) == 0
+    p.close()
 
 
 # -- handshakes --------------------------------------------------------------------

@@ -531,8 +531,11 @@ def send_dispositions(conn: Connection, signums: list[int]) -> None:
     conn.close()
 
 
-def report_parent(conn: Connection) -> None:
-    """Send what ``parent_process()`` says, and whether its sentinel is readable now."""
+def report_parent(conn: Connection, after_go: bool = False) -> None:
+    """Send what ``parent_process()`` says, and whether its sentinel is readable now
+    (*after_go*: once the parent has said "go")."""
+    if after_go:
+        conn.recv()
     parent = multiprocessing.parent_process()
     assert parent is not None
     waiting = multiprocessing.connection.wait([parent.sentinel], timeout=0)

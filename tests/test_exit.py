@@ -24,7 +24,15 @@ from typing import Any
 
 import pytest
 
-from .helpers import DEADLINE, SCRIPTS, Tracer, killed_afterwards, reaping_orphans, state_of
+from .helpers import (
+    DEADLINE,
+    SCRIPTS,
+    Tracer,
+    killed_afterwards,
+    parent_of,
+    reaping_orphans,
+    state_of,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 GRACE = 1.0
@@ -150,14 +158,6 @@ def test_parent_exit_terminates_daemons_and_waits_for_the_rest(
         assert state_of(pid) is None, f"{name} (pid {pid}) outlived its parent"
 
 
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except FileNotFoundError:
-        return None
-
-
 def test_parent_killed_children_live_on_unless_they_watch(tmp_path: Any) -> None:
     """SIGKILL leaves no exit handler to run: the children live on, adopted.
 
@@ -176,7 +176,7 @@ def test_parent_killed_children_live_on_unless_they_watch(tmp_path: Any) -> None
     assert parent.stdout is not None
     daemon, worker, watchful = (int(pid) for pid in parent.stdout.readline().split())
     with killed_afterwards(daemon), killed_afterwards(worker), killed_afterwards(watchful):
-        assert {_parent_of(pid) for pid in (daemon, worker, watchful)} == {parent.pid}
+        assert {parent_of(pid) for pid in (daemon, worker, watchful)} == {parent.pid}
         parent.kill()
         assert parent.wait(timeout=30) == -signal.SIGKILL
         parent.stdout.close()
@@ -188,7 +188,7 @@ def test_parent_killed_children_live_on_unless_they_watch(tmp_path: Any) -> None
             time.sleep(0.01)
         for pid in (daemon, worker):
             assert state_of(pid) not in (None, "Z"), "a child died with its parent"
-            assert _parent_of(pid) not in (None, parent.pid)
+            assert parent_of(pid) not in (None, parent.pid)
 
 
 def test_interpreter_exit_does_not_wait_forever_for_an_unkillable_child(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from aioproc import AsyncProcess, _popen
 from aioproc._watchers import pidfd
 
 from . import targets
-from .helpers import DEADLINE, SCRIPTS, children_of_this_process, open_fds
+from .helpers import DEADLINE, SCRIPTS, children_of_this_process, open_fds, warmed_up
 
 SLOW_DEADLINE = 2 * DEADLINE  # many children at once; longer is a hang
 
@@ -117,6 +117,7 @@ async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> Non
     Holding them would make its exit (the kernel closes them) slower the more
     siblings it has, and keep their pipes open after the parent is gone.
     """
+    await warmed_up("fork")  # a process's first child gets the stdlib's pipes too
     async with sleeping_siblings() as siblings:
         held = {fd: targets.describe_fd(fd) for fd in _descriptors_of(siblings)}
         inherited = await run_fork_child(targets.send_open_descriptors)
