@@ -101,18 +101,26 @@ def lifeline_problem(method: str | None) -> str | None:
     return POPEN_CLASSES[method].lifeline_problem
 
 
+#: Start method name -> its context, once resolved (every start resolves one).
+_CONTEXTS: dict[str, multiprocessing.context.BaseContext] = {}
+
+
 def resolve_context(context: object) -> multiprocessing.context.BaseContext | None:
     """A multiprocessing context for *context* (a name, a context, or None: the default)."""
     if context is None:
         return None
     if isinstance(context, str):
+        known = _CONTEXTS.get(context)
+        if known is not None:
+            return known
         methods = [m for m in multiprocessing.get_all_start_methods() if m in START_METHODS]
         if context not in methods:
             raise ValueError(
                 f"unknown start method {context!r}; use one of {', '.join(methods)} "
                 "or a multiprocessing context"
             )
-        return multiprocessing.get_context(context)
+        known = _CONTEXTS[context] = multiprocessing.get_context(context)
+        return known
     if isinstance(context, multiprocessing.context.BaseContext):
         method = context.get_start_method()
         if method not in START_METHODS:

@@ -53,7 +53,7 @@ from . import _fds, _popen
 from ._exceptions import ExitStatusLost
 from ._popen import Exit, readable_now
 from ._tree import PIDFD_SIGNAL_PROCESS_GROUP, pidfd_group_signals_work
-from ._watchers import Place, choose, usable_at_join
+from ._watchers import choose, usable_at_join
 from ._watchers import pidfd as pidfd_support
 from ._watchers._base import token_here
 from ._watchers.pidfd import PidfdWatch
@@ -96,6 +96,13 @@ class Child:
     #: Whether the handle closes the pidfd (not when it is the Popen's sentinel).
     _own_pidfd = True
     _fds: tuple[int, ...] = ()
+    # Defaults here rather than in each instance's dictionary: a start that
+    # writes fewer attributes allocates less (see _start on why it counts).
+    group = False
+    kill_group_at_exit = False
+    _group_killed = False
+    _joiners: _Joiners | None = None
+    _lost_reported = False
 
     def __init__(
         self,
@@ -107,23 +114,28 @@ class Child:
     ) -> None:
         self.popen = popen
         self.pid: int = popen.pid
-        #: The child leads its own process group: signals go to the group.
-        self.group = group
-        #: SIGKILL what is left of the group once the child has exited (``run``).
-        self.kill_group_at_exit = group and kill_group_at_exit
-        self._group_killed = False
+        if group:
+            #: The child leads its own process group: signals go to the group.
+            self.group = True
+            #: SIGKILL what is left of the group once the child has exited (``run``).
+            self.kill_group_at_exit = kill_group_at_exit
         self._parent_pid = os.getpid()
         self._lock = threading.Lock()
-        self._joiners: _Joiners | None = None
-        self._lost_reported = False
-        self._open_pidfd()
-        finalizer = popen.finalizer  # the stdlib's: it closes the pipe ends
-        self._fds = (popen.sentinel, *(finalizer._args if finalizer is not None else ()))  # type: ignore[attr-defined]
-        _fds.hold(*self._fds)
-        if watch_cls is PidfdWatch and not pidfd_support.is_supported():
+        if popen.pidfd >= 0:  # the Popen's own, its sentinel and only descriptor
+            self.pidfd = popen.pidfd
+            self._own_pidfd = False
+            self._fds = (popen.pidfd,)
+            _fds.hold(popen.pidfd)
+        else:
+            self._open_pidfd()
+            finalizer = popen.finalizer  # the stdlib's: it closes the pipe ends
+            self._fds = (popen.sentinel, *(finalizer._args if finalizer is not None else ()))  # type: ignore[attr-defined]
+            _fds.hold(*self._fds)
+        supported = pidfd_support.supported or pidfd_support.is_supported()
+        if watch_cls is PidfdWatch and not supported:
             # pidfd_open was refused just now (a sandbox): the next watcher,
             # or WatcherUnavailable if pidfd was forced.
-            watch_cls = choose(Place.here(type(popen)))
+            watch_cls = choose(type(popen))
         self.watch: Watch = watch_cls(popen, self.pidfd)
 
     def _open_pidfd(self) -> None:

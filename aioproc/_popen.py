@@ -37,6 +37,7 @@ import select
 import signal
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing import (
@@ -99,19 +100,22 @@ class _Closer(util.Finalize):
     do), which no child touches.
     """
 
+    # The stdlib's attributes that every closer of ours has alike (for repr).
+    _kwargs: Mapping[str, Any] = types.MappingProxyType({})
+    _key: tuple[int | None, int] = (None, 0)
+
     def __init__(
         self,
         obj: object,
         callback: Callable[..., object],
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
-        exitpriority: int | None = None,
     ) -> None:
         self._weakref = weakref.ref(obj, self)
         self._callback = callback
         self._args = args
-        self._kwargs = kwargs or {}
-        self._key = (exitpriority, id(self))
+        if kwargs:
+            self._kwargs = kwargs
         self._pid = os.getpid()
         _closers.add(self)
 
@@ -164,10 +168,13 @@ class _AioprocPopen(popen_fork.Popen):
     _data: memoryview | None = None
     _data_fd = -1
 
+    _deferred = False
+
     def __init__(self, process_obj: BaseProcess, *, deferred: bool = False) -> None:
         self._reap_lock = threading.Lock()
         self._owner = os.getpid()
-        self._deferred = deferred
+        if deferred:
+            self._deferred = True
         self._process = weakref.ref(process_obj)
         super().__init__(process_obj)
 
@@ -333,7 +340,9 @@ class _ReapedHere(_AioprocPopen):
             raise unwatchable(exc) from exc
         if fd >= 0:
             self.pidfd = fd
-            if self.exit_state() is Exit.GONE:
+            try:
+                self._peek()  # None while it runs, a result once exited (unreaped)
+            except ChildProcessError:  # reaped by someone else: the pid is not ours
                 self.pidfd = -1
                 os.close(fd)
                 fd = -1
@@ -432,11 +441,21 @@ child_pidfds_work = False
 ONE_DESCRIPTOR_PER_CHILD = True
 
 
+#: ``_watchers.pidfd``, bound on first use (a cycle at import time); not
+#: imported again by each start.
+_pidfd_support: Any = None
+
+
 def _pidfds_here() -> bool:
     """Whether a fork or spawn child started now gets its pidfd as its only descriptor."""
-    from ._watchers import pidfd  # noqa: PLC0415 - a cycle at import time
+    global _pidfd_support
+    if not (ONE_DESCRIPTOR_PER_CHILD and child_pidfds_work):
+        return False
+    if _pidfd_support is None:
+        from ._watchers import pidfd  # noqa: PLC0415 - a cycle at import time
 
-    return ONE_DESCRIPTOR_PER_CHILD and child_pidfds_work and pidfd.is_supported()
+        _pidfd_support = pidfd
+    return bool(_pidfd_support.supported or _pidfd_support.is_supported())
 
 
 #: A pidfd of this process, passed to every forkserver child as its sign that

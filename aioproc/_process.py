@@ -32,6 +32,7 @@ from ._tree import (
 
 if TYPE_CHECKING:
     from multiprocessing.popen_forkserver import _DupFd
+    from multiprocessing.process import BaseProcess
 
     from ._child import Child
     from ._popen import AioprocPopen
@@ -41,7 +42,31 @@ if TYPE_CHECKING:
 
 # The event-loop side (anyio, the watchers, the handle) is imported on first
 # use by the parent, so that a spawn or forkserver child, which imports this
-# module to unpickle its process object, does not pay for it.
+# module to unpickle its process object, does not pay for it (10-40 ms).  What
+# start() needs of it is bound to these globals on the first start: an import
+# statement in start() would resolve the package through importlib on every
+# start, and after a fork each page the parent writes is copied for the child.
+_parent_side_bound = False
+_launch: Callable[[BaseProcess, str], AioprocPopen]
+_Child: type[Child]
+_choose: Callable[[type[AioprocPopen]], type[Watch]]
+_ensure_registered: Callable[[], None]
+_POPEN_CLASSES: dict[str, type[AioprocPopen]]
+_unwatchable: Callable[[OSError], OSError]
+
+
+def _bind_parent_side() -> None:
+    global _parent_side_bound, _launch, _Child, _choose, _ensure_registered
+    global _POPEN_CLASSES, _unwatchable
+    from ._child import Child
+    from ._exit import ensure_registered
+    from ._popen import POPEN_CLASSES, unwatchable
+    from ._start import launch
+    from ._watchers import choose
+
+    _launch, _Child, _choose, _ensure_registered = launch, Child, choose, ensure_registered
+    _POPEN_CLASSES, _unwatchable = POPEN_CLASSES, unwatchable
+    _parent_side_bound = True
 
 
 def _exitcode_text(code: int) -> str:
@@ -145,14 +170,18 @@ class AsyncProcess(mp_process.BaseProcess):
             ) from None
         if kwargs is None:
             kwargs = {}
-        elif not isinstance(kwargs, Mapping):
+        elif type(kwargs) is not dict and not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a dict or None, not {type(kwargs).__name__}")
         if daemon is not None:
             check_flag("daemon", daemon)
         self._ctx = resolve_context(context)
-        new_process_group = check_flag("new_process_group", new_process_group)
+        # (The checks are called only for values they may refuse: each Python
+        # call a start makes touches its function's pages; see _start.)
+        if new_process_group is not False:
+            new_process_group = check_flag("new_process_group", new_process_group)
         method = None if self._ctx is None else self._ctx.get_start_method()
-        die_with_parent = check_die_with_parent(die_with_parent, method)
+        if die_with_parent is not False:
+            die_with_parent = check_die_with_parent(die_with_parent, method)
         super().__init__(None, target, name, args, kwargs, daemon=daemon)
         self._new_process_group = new_process_group
         self._die_with_parent = die_with_parent
@@ -169,10 +198,8 @@ class AsyncProcess(mp_process.BaseProcess):
         with the number of live children.  ``start_async()`` waits for the
         child without blocking the event loop.
         """
-        from ._start import launch
-
         method, watch_cls = self._check_startable()
-        self._started(launch(self, method), watch_cls)
+        self._started(_launch(self, method), watch_cls)
 
     async def start_async(self) -> None:
         """Start the child like ``start()``, handing every wait to the event loop.
@@ -217,7 +244,8 @@ class AsyncProcess(mp_process.BaseProcess):
 
     def _check_startable(self) -> tuple[str, type[Watch]]:
         """Refuse a start that is misuse; the start method and watcher class to start with."""
-        self._check_closed()
+        if self._closed:
+            self._check_closed()
         if self._starting:
             raise RuntimeError(
                 f"start_async() of {self!r} is in progress in another task; "
@@ -229,33 +257,28 @@ class AsyncProcess(mp_process.BaseProcess):
             )
         if self._parent_pid != os.getpid():
             raise RuntimeError("can only start a process object created by the current process")
-        if mp_process.current_process()._config.get("daemon"):  # type: ignore[attr-defined]
+        if mp_process._current_process._config.get("daemon"):  # type: ignore[attr-defined]
             raise RuntimeError(
                 "a daemonic process is not allowed to have children; "
                 "create the parent with daemon=False to start children from it"
             )
-        from ._exit import ensure_registered
-        from ._popen import POPEN_CLASSES
-        from ._watchers import Place, choose
-
+        if not _parent_side_bound:
+            _bind_parent_side()
         method = start_method_of(self._ctx)
         if self._die_with_parent:
             check_die_with_parent(True, method)
             self._lifeline_parent = expected_parent()
             self._lifeline_thread = threading.get_native_id()
-        watch_cls = choose(Place.here(POPEN_CLASSES[method]))
-        ensure_registered()
+        watch_cls = _choose(_POPEN_CLASSES[method])
+        _ensure_registered()
         return method, watch_cls
 
     def _started(self, popen: AioprocPopen, watch_cls: type[Watch]) -> None:
         """Take charge of the child that *popen* started, and record it as started."""
-        from ._child import Child
-        from ._popen import unwatchable
-
         if self._new_process_group and popen.group_from_parent:
             set_group_from_parent(popen.pid)
         try:
-            child = Child(
+            child = _Child(
                 popen,
                 watch_cls,
                 group=self._new_process_group,
@@ -264,7 +287,7 @@ class AsyncProcess(mp_process.BaseProcess):
         except BaseException as exc:
             popen.abandon()
             if isinstance(exc, OSError):
-                raise unwatchable(exc) from exc
+                raise _unwatchable(exc) from exc
             raise
         self._child = child
         self._popen = popen

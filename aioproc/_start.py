@@ -13,6 +13,20 @@
    process may be started again.
 
 The child's handle (``_child.Child``) is made by the caller from the Popen.
+
+Why the fork path is written to touch little.  A forked child shares every page
+of its parent until one of them writes it, and CPython writes an object each
+time it takes or drops a reference to it.  So every page the parent writes
+between two forks is copied for each child still alive from before, and every
+page a child's first steps touch is copied for that child: with thousands of
+sleeping children, those pages are most of what a child costs.  Measured with
+``python -m benchmarks.fork_pages`` (pagemap and kpagecount, a parent that
+imports only aioproc and anyio, Python 3.11, 2026-12-07): a bare ``os.fork()``
+child keeps about 235 private pages, most of them CPython's own after-fork
+work, a stdlib ``Process`` child about 400.  Hence a start here binds the parent
+side once instead of importing it per start, calls a check only for a value it
+may refuse, keeps defaults as class attributes, and uses no generator-based
+context manager around the fork.
 """
 
 from __future__ import annotations
@@ -37,7 +51,9 @@ Around = Callable[[], AbstractContextManager[object]]
 def launch(process_obj: BaseProcess, method: str) -> AioprocPopen:
     """Start *process_obj*'s child with *method*, blocking; return its Popen."""
     cls = POPEN_CLASSES[method]
-    with explained():
+    # Not `with explained()`: a generator-based context manager is five more
+    # Python calls a start, and after a fork every page touched is copied.
+    try:
         try:
             return cls(process_obj)
         except (ConnectionError, EOFError):
@@ -49,6 +65,11 @@ def launch(process_obj: BaseProcess, method: str) -> AioprocPopen:
         except EOFError as exc:
             _wait_until_fork_server_exited()
             raise fork_server_died() from exc
+    except OSError as exc:
+        error = start_error(exc)
+        if error is exc:
+            raise
+        raise error from exc
 
 
 async def launch_async(process_obj: BaseProcess, method: str, around: Around) -> AioprocPopen:

@@ -18,7 +18,7 @@ started, naming why.  Automatic choice never raises: it skips to the next.
 from __future__ import annotations
 
 import os
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from .._exceptions import WatcherUnavailable
 from . import pidfd
@@ -27,6 +27,9 @@ from .pidfd import PidfdWatch
 from .sentinel import SentinelWatch
 from .sigchld import SigchldWatch
 from .thread import ThreadWatch
+
+if TYPE_CHECKING:
+    from .._popen import AioprocPopen
 
 WATCHERS: dict[str, type[Watch]] = {
     cls.name: cls for cls in (PidfdWatch, SigchldWatch, SentinelWatch, ThreadWatch)
@@ -83,19 +86,22 @@ _NO_PIDFD = (
 )
 
 
-def choose(place: Place) -> type[Watch]:
-    """The watcher class for a child about to be started at *place*."""
-    forced = get_watcher()
+def choose(popen_class: type[AioprocPopen]) -> type[Watch]:
+    """The watcher class for a *popen_class* child about to be started here."""
+    forced = _forced if _forced is not _UNSET else get_watcher()
     if forced is not None:
-        cls = WATCHERS[forced]
+        cls = WATCHERS[forced]  # type: ignore[index]
         if cls is PidfdWatch and not pidfd.is_supported():
             raise WatcherUnavailable(_NO_PIDFD)
-        reason = cls.unavailable(place)
+        reason = cls.unavailable(Place.here(popen_class))
         if reason is not None:
             raise WatcherUnavailable(f"the {forced} watcher cannot be used here: {reason}")
         return cls
-    if pidfd.is_supported():
+    # Where pidfds work, nothing about the place matters: no Place is built
+    # (every start runs this, and every object it touches is a page copied).
+    if pidfd.supported or pidfd.is_supported():
         return PidfdWatch
+    place = Place.here(popen_class)
     if not place.reaped_here:
         return SentinelWatch
     if SigchldWatch.unavailable(place) is None:

@@ -63,15 +63,15 @@ class Watch:
     """
 
     name: ClassVar[WatcherName]
+    #: The descriptor a task is waiting on right now, for close() to announce,
+    #: and the event loop it waits in.
+    _parked = -1
+    _parked_in: EventLoopToken | None = None
 
     def __init__(self, popen: AioprocPopen, pidfd: int) -> None:
         self.popen = popen
         #: The child's pidfd (owned by its handle), or -1.
         self.pidfd = pidfd
-        #: The descriptor a task is waiting on right now, for close() to announce,
-        #: and the event loop it waits in.
-        self._parked = -1
-        self._parked_in: EventLoopToken | None = None
 
     @classmethod
     def unavailable(cls, place: Place) -> str | None:
