@@ -33,31 +33,36 @@ _KEPT = (_signal.SIG_DFL, _signal.SIG_IGN, _signal.default_int_handler, None)
 
 def reset_loop_state() -> None:
     """Forget every event loop the parent was running, and its signal handlers."""
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None:
-        events = asyncio.events
+    # Each object touched here is a page copied in every fork child: the
+    # modules are looked up by their full names, without the packages, and the
+    # policy's thread-local is reset in place rather than replaced.
+    modules = sys.modules
+    events = modules.get("asyncio.events")
+    if events is not None:
         events._set_running_loop(None)
-        policy = getattr(events, "_event_loop_policy", None)
-        local = getattr(policy, "_local", None)
+        local = getattr(getattr(events, "_event_loop_policy", None), "_local", None)
         if local is not None:
-            policy._local = type(local)()  # type: ignore[union-attr]
+            local._loop = None
+            local._set_called = False
 
-    sniffio = sys.modules.get("sniffio")
+    sniffio = modules.get("sniffio")
     if sniffio is not None:
         sniffio.thread_local.name = None
 
-    anyio_eventloop = sys.modules.get("anyio._core._eventloop")
+    anyio_eventloop = modules.get("anyio._core._eventloop")
     if anyio_eventloop is not None:
-        for attr in ("current_token", "current_cancel_scope"):
-            anyio_eventloop.threadlocals.__dict__.pop(attr, None)
+        state = anyio_eventloop.threadlocals.__dict__
+        state.pop("current_token", None)
+        state.pop("current_cancel_scope", None)
 
-    trio_run_context = sys.modules.get("trio._core._run_context")
+    trio_run_context = modules.get("trio._core._run_context")
     if trio_run_context is not None:
-        for attr in ("runner", "task"):
-            trio_run_context.GLOBAL_RUN_CONTEXT.__dict__.pop(attr, None)
+        state = trio_run_context.GLOBAL_RUN_CONTEXT.__dict__
+        state.pop("runner", None)
+        state.pop("task", None)
 
     try:
-        signal.set_wakeup_fd(-1)
+        _signal.set_wakeup_fd(-1)
     except ValueError:  # pragma: no cover - not the main thread
         return
     for signum in _signal.valid_signals():
