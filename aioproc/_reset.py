@@ -29,21 +29,28 @@ except ImportError:  # pragma: no cover - not CPython
     _signal = signal
 
 _KEPT = (_signal.SIG_DFL, _signal.SIG_IGN, _signal.default_int_handler, None)
+#: Made once: ``valid_signals()`` builds a new set each time.
+_SIGNALS = tuple(sorted(_signal.valid_signals()))
+#: asyncio resets its running loop, its policy's loop and the wake-up fd in
+#: every fork child itself (an at-fork hook, Python 3.12+).  Before, only the
+#: running loop was safe: ``get_running_loop()`` checks the pid it was set in.
+_ASYNCIO_RESETS_AT_FORK = sys.version_info >= (3, 12)
 
 
 def reset_loop_state() -> None:
     """Forget every event loop the parent was running, and its signal handlers."""
-    # Each object touched here is a page copied in every fork child: the
-    # modules are looked up by their full names, without the packages, and the
-    # policy's thread-local is reset in place rather than replaced.
+    # Each object touched here is a page copied in every fork child (10 for
+    # asyncio's _set_running_loop(None), which is why it is left to asyncio):
+    # the modules are looked up by their full names, without the packages,
+    # and the policy's thread-local is reset in place rather than replaced.
     modules = sys.modules
-    events = modules.get("asyncio.events")
-    if events is not None:
-        events._set_running_loop(None)
-        local = getattr(getattr(events, "_event_loop_policy", None), "_local", None)
-        if local is not None:
-            local._loop = None
-            local._set_called = False
+    if not _ASYNCIO_RESETS_AT_FORK:
+        events = modules.get("asyncio.events")
+        if events is not None:
+            local = getattr(getattr(events, "_event_loop_policy", None), "_local", None)
+            if local is not None:
+                local._loop = None
+                local._set_called = False
 
     sniffio = modules.get("sniffio")
     if sniffio is not None:
@@ -65,7 +72,7 @@ def reset_loop_state() -> None:
         _signal.set_wakeup_fd(-1)
     except ValueError:  # pragma: no cover - not the main thread
         return
-    for signum in _signal.valid_signals():
+    for signum in _SIGNALS:
         try:
             handler = _signal.getsignal(signum)
         except (OSError, ValueError):  # pragma: no cover
