@@ -86,10 +86,13 @@ class ScaleResult:
         return asdict(self)
 
 
-def _check_room(live: int, floor: float, fd_limit: int) -> None:
+def _check_room(live: int, floor: float, fd_limit: int, samples: int) -> None:
     # Stop short of RLIMIT_NOFILE: a forkserver start that runs out of
     # descriptors half-way crashes the stdlib's fork server with all its children.
-    if open_fds() + 3 * 100 + 64 > fd_limit:
+    # Room for the next 100 children (3 descriptors each at most) and for the
+    # checkpoint that follows (3 ways, up to 3 each, 20 starts): without the
+    # latter a forkserver ramp ran out at 6,600 children and lost its server.
+    if open_fds() + 3 * 100 + 9 * samples + 64 > fd_limit:
         raise _OutOfRoom(
             f"stopped at {live} live children: the descriptor limit ({fd_limit}, "
             "RLIMIT_NOFILE, not raisable here) allows no more at 3 per child"
@@ -166,7 +169,12 @@ def run_scale_lean(
     """``run_scale`` in a lean process of its own (``benchmarks._lean_scale``): its figures."""
     root = Path(__file__).resolve().parent.parent
     spec = ",".join(str(n) for n in levels)
-    command = [sys.executable, "-m", "benchmarks._lean_scale", method, str(samples), spec]
+    # Run with -c, not -m: a spawn or forkserver child imports the parent's
+    # __main__ module again when it has a name or a path (multiprocessing's
+    # spawn.prepare), and that module imports the ramp, anyio and aioproc: 9 MiB
+    # more in every forkserver child, stdlib's and aioproc's alike.
+    main = "import sys; from benchmarks._lean_scale import main; main(sys.argv[1:])"
+    command = [sys.executable, "-c", main, method, str(samples), spec]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=root) as proc:
         if proc.stdout is None:
             raise RuntimeError("the lean parent's stdout is not a pipe")
@@ -241,7 +249,7 @@ async def _scale(
             try:
                 while live() < level:
                     if len(pool) % 100 == 0:
-                        _check_room(live(), floor, result.fd_limit)
+                        _check_room(live(), floor, result.fd_limit, samples)
                     p = AsyncProcess(target=sleep.target, args=sleep.args, context=method)
                     p.start()
                     pool.append(p)
