@@ -78,14 +78,7 @@ async def test_no_fd_leaked_across_200_processes(watcher: str) -> None:
 @contextlib.asynccontextmanager
 async def sleeping_siblings() -> AsyncIterator[list[AsyncProcess]]:
     """Three running fork children, each watched (killed and joined at the end)."""
-    # A process's first child gets the stdlib's pipes, until a pidfd of a child
-    # has been opened (see _popen.child_pidfds_work): start one first, or the
-    # descriptor count depends on whether an earlier test of this worker did.
-    first = AsyncProcess(target=targets.noop, context="fork")
-    first.start()
-    with anyio.fail_after(SLOW_DEADLINE):
-        assert await first.join() == 0
-    first.close()
+    await warmed_up("fork")  # a process's first child gets the stdlib's pipes too
     siblings = [AsyncProcess(target=targets.sleep, args=(30,), context="fork") for _ in range(3)]
     try:
         for p in siblings:
@@ -125,7 +118,6 @@ async def test_a_forked_child_holds_nothing_of_its_siblings(watcher: str) -> Non
     Holding them would make its exit (the kernel closes them) slower the more
     siblings it has, and keep their pipes open after the parent is gone.
     """
-    await warmed_up("fork")  # a process's first child gets the stdlib's pipes too
     async with sleeping_siblings() as siblings:
         held = {fd: targets.describe_fd(fd) for fd in _descriptors_of(siblings)}
         inherited = await run_fork_child(targets.send_open_descriptors)
