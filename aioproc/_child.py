@@ -103,6 +103,8 @@ class Child:
     _group_killed = False
     _joiners: _Joiners | None = None
     _lost_reported = False
+    #: The duplicate of the Popen's sentinel given out as ``sentinel``; -1 until asked for.
+    _given_sentinel = -1
 
     def __init__(
         self,
@@ -220,6 +222,37 @@ class Child:
     @property
     def watcher_name(self) -> WatcherName:
         return self.watch.name
+
+    def sentinel(self) -> int:
+        """What ``AsyncProcess.sentinel`` gives out: readable once the child has exited.
+
+        A duplicate of the Popen's sentinel, made when first asked for.  An
+        event loop takes one waiter per descriptor (anyio and trio refuse a
+        second; asyncio's ``add_reader`` replaces the first, which then never
+        wakes), and a join waits on the Popen's (the pidfd, where it is the
+        sentinel; the fork server's status pipe; the pipe, for the sentinel
+        watcher).  So code written for multiprocessing that waits for the
+        sentinel in its event loop never takes a join's wait, nor a join its.
+        A child nobody asks about costs no descriptor more.
+        """
+        if self._given_sentinel < 0 and os.getpid() == self._parent_pid:
+            with self._lock:
+                if self._given_sentinel < 0:
+                    try:
+                        fd = os.dup(self.popen.sentinel)
+                    except OSError as exc:
+                        name = errno.errorcode.get(exc.errno or 0, "unknown error")
+                        raise OSError(
+                            exc.errno,
+                            f"could not give out the sentinel of pid {self.pid}: "
+                            f"{(exc.strerror or name).lower()} ({name}); it is a descriptor "
+                            "of its own, so that it can be waited for in an event loop while "
+                            "join() waits; close file descriptors or raise RLIMIT_NOFILE",
+                        ) from exc
+                    _fds.hold(fd)
+                    self._given_sentinel = fd
+        # In a forked copy: the number, as the stdlib's copy would give it.
+        return self._given_sentinel if self._given_sentinel >= 0 else self.popen.sentinel
 
     # -- joining -----------------------------------------------------------------
 
@@ -377,21 +410,26 @@ class Child:
         pidfd, self.pidfd = self.pidfd, -1
         if pidfd >= 0 and self._own_pidfd:
             os.close(pidfd)
+        given, self._given_sentinel = self._given_sentinel, -1
+        if given >= 0:
+            os.close(given)
         self.popen.close()
 
     def _release_fds(self) -> None:
         fds, self._fds = self._fds, ()
         if os.getpid() == self._parent_pid:
-            _fds.release(*fds, self.pidfd)
+            _fds.release(*fds, self.pidfd, self._given_sentinel)
 
     def __del__(self) -> None:
         if os.getpid() != self._parent_pid:
             return  # a forked copy: the descriptors are not ours
         self._release_fds()
         pidfd, self.pidfd = self.pidfd, -1
-        if pidfd >= 0 and self._own_pidfd:
-            with contextlib.suppress(OSError):
-                os.close(pidfd)
+        given, self._given_sentinel = self._given_sentinel, -1
+        for fd in (pidfd if self._own_pidfd else -1, given):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 __all__ = ["Child"]

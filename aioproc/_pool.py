@@ -567,10 +567,9 @@ class Pool:
             raise
         try:
             inherits = POPEN_CLASSES[self._method].inherits_memory
-            close_fds = tuple(_parent_ends) if inherits else ()
             proc = AsyncProcess(
                 target=worker_main,
-                args=(req_r, res_w, self._initializer, self._initargs, close_fds),
+                args=(req_r, res_w, self._initializer, self._initargs, inherits),
                 context=self._ctx,
                 new_process_group=True,
                 die_with_parent=self._die_with_parent,

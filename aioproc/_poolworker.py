@@ -13,7 +13,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -175,12 +175,21 @@ def worker_main(
     results: Connection,
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
-    close_fds: Iterable[int],
+    forked: bool,
 ) -> None:
-    """The target of every worker of a ``Pool``."""
-    for fd in close_fds:  # a fork child: the pool's ends of its siblings' pipes
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    """The target of every worker of a ``Pool``.
+
+    *forked*: a copy of the pool's process, which closes the pool's ends of its
+    siblings' pipes, as they were at the fork (a list made before it may name
+    descriptors closed since, whose numbers this child has reused: its
+    parent's sentinel).
+    """
+    if forked:
+        from ._pool import _parent_ends  # noqa: PLC0415 - a cycle at import time
+
+        for fd in _parent_ends:
+            with contextlib.suppress(OSError):
+                os.close(fd)
     ignore_sigint()
     subreaper = _become_subreaper()
     rfd, wfd = requests.fileno(), results.fileno()

@@ -762,6 +762,7 @@ class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
     # its pid its own (the server has not reported its exit on the sentinel).
     # EPIPE means the child closed its end: it is gone, and not signalled.
     def _kill_unborn(self, *, kill: bool) -> None:
+        self._stopped = True
         with contextlib.suppress(OSError, EOFError):
             if not self._pid_read:
                 if not readable_within(self.sentinel, _UNBORN_WAIT):
@@ -775,6 +776,7 @@ class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
     async def _kill_unborn_async(self, *, kill: bool) -> None:
         import anyio  # noqa: PLC0415
 
+        self._stopped = True
         with anyio.move_on_after(_UNBORN_WAIT), contextlib.suppress(OSError, EOFError):
             if not self._pid_read:
                 await anyio.wait_readable(self.sentinel)
@@ -784,8 +786,16 @@ class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
                 os.kill(self.pid, signal.SIGKILL)
             await anyio.wait_readable(self.sentinel)
 
+    #: ``_kill_unborn`` has run: the child was stopped, or found gone.
+    _stopped = False
+
     def abandon(self) -> None:
         self._close_data_fd()
+        if self._pid_read and not self._stopped and not self._abandoned:
+            # Started, then given up on (its handle could not open its pidfd, or
+            # the start was interrupted after the fork server's reply): it must
+            # not run on unwatched while start() says that nothing is left.
+            self._kill_unborn(kill=True)
         super().abandon()
 
     def _collect(self, flag: int) -> None:

@@ -136,7 +136,6 @@ class AsyncProcess(mp_process.BaseProcess):
         _config: dict[str, Any]
         _closed: bool
         _name: str
-        _sentinel: int
         _target: Callable[..., object] | None
         _args: tuple[Any, ...]
         _kwargs: dict[str, Any]
@@ -291,7 +290,6 @@ class AsyncProcess(mp_process.BaseProcess):
             raise
         self._child = child
         self._popen = popen
-        self._sentinel = popen.sentinel
         # As the stdlib does: no reference cycle through the target (bpo-30775).
         del self._target, self._args, self._kwargs
         mp_process._children.add(self)  # type: ignore[attr-defined]
@@ -375,7 +373,6 @@ class AsyncProcess(mp_process.BaseProcess):
             child.close()
             self._child = None
             self._popen = None
-            del self._sentinel
             mp_process._children.discard(self)  # type: ignore[attr-defined]
         self._closed = True
 
@@ -431,6 +428,19 @@ class AsyncProcess(mp_process.BaseProcess):
         if child is None or child.poll() is None:
             return None
         return child.resource_usage
+
+    @property
+    def sentinel(self) -> int:
+        """A descriptor that turns readable when the child exits, as the stdlib's.
+
+        It may also be waited for in the event loop (``anyio.wait_readable``,
+        ``loop.add_reader``) while tasks join: it is a descriptor of its own
+        (``Child.sentinel``), made when first asked for and closed by ``close()``.
+        """
+        self._check_closed()
+        if self._child is None:
+            raise ValueError("process not started: it has a sentinel once start() is called")
+        return self._child.sentinel()
 
     @property
     def daemon(self) -> bool:

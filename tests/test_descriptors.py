@@ -1,10 +1,11 @@
 """One descriptor per child in the parent: the pidfd is the sentinel (issue 14).
 
 Where the kernel has pidfds, a fork or spawn child costs the parent one
-descriptor, its pidfd, which is also its ``sentinel`` (pollable, so
-``multiprocessing.connection.wait`` keeps working), and the child watches its
-parent through a pidfd of its own instead of an inherited pipe
-(``multiprocessing.parent_process()`` keeps working).  A forkserver child
+descriptor, its pidfd, which is also its Popen's ``sentinel``, and the child
+watches its parent through a pidfd of its own instead of an inherited pipe
+(``multiprocessing.parent_process()`` keeps working).  ``AsyncProcess.sentinel``
+(pollable, so ``multiprocessing.connection.wait`` keeps working) is a duplicate
+made when first asked for: one descriptor more, for the children asked about.  A forkserver child
 costs two: the server's status pipe (its ``sentinel``, where the exit code
 arrives) and its pidfd.  Its parent lives as long as a pidfd of the parent,
 sent with the request, is not readable; the data pipe, which the stdlib keeps
@@ -64,10 +65,14 @@ async def test_descriptors_per_child(context: str) -> None:
         held = open_fds() - fork_server_fd() - before
         assert len(held) == PER_CHILD[context] * len(procs), {fd: _kind(fd) for fd in held}
         if context != "forkserver":
-            assert {p.sentinel for p in procs} == held
+            assert {_popen_sentinel(p) for p in procs} == held
             assert {_kind(fd) for fd in held} == {"anon_inode:[pidfd]"}
         else:  # the status pipe and the handle's pidfd
             assert {fd for p in procs for fd in _held_for(p)} == held
+        # The sentinel given out is a descriptor of its own, made when asked for.
+        given = {p.sentinel for p in procs}
+        assert len(given) == len(procs)
+        assert open_fds() - fork_server_fd() - before == held | given
     finally:
         for p in procs:
             p.kill()
@@ -78,10 +83,16 @@ async def test_descriptors_per_child(context: str) -> None:
     assert open_fds() - fork_server_fd() == before
 
 
+def _popen_sentinel(p: AsyncProcess) -> int:
+    """The sentinel the child's Popen holds (``sentinel`` gives out a duplicate)."""
+    assert p._child is not None
+    return p._child.popen.sentinel
+
+
 def _held_for(p: AsyncProcess) -> tuple[int, int]:
     """A forkserver child's status pipe and pidfd, checked to be what they say."""
     assert p._child is not None
-    sentinel, pidfd_ = p.sentinel, p._child.pidfd
+    sentinel, pidfd_ = _popen_sentinel(p), p._child.pidfd
     assert _kind(sentinel).startswith("pipe:")
     assert _kind(pidfd_) == "anon_inode:[pidfd]"
     return sentinel, pidfd_
@@ -146,7 +157,7 @@ async def test_a_forkserver_child_needs_only_what_the_parent_keeps(
     else:
         assert p._child.pidfd == -1
         assert len(held) == 2
-        assert p.sentinel in held
+        assert _popen_sentinel(p) in held
         assert {_kind(fd)[:5] for fd in held} == {"pipe:"}
     ours.send("go")
     assert await handshake(ours) == (os.getpid(), False, True)

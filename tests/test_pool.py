@@ -25,6 +25,7 @@ import uvloop
 
 import aioproc
 from aioproc import (
+    AsyncProcess,
     InitializerError,
     PoolClosed,
     ProcessDied,
@@ -34,7 +35,13 @@ from aioproc import (
 )
 
 from . import targets
-from .helpers import children_of_this_process, fork_server_and_helpers, open_fds, pid_exists
+from .helpers import (
+    children_of_this_process,
+    fork_server_and_helpers,
+    open_fds,
+    pid_exists,
+    warmed_up,
+)
 
 if sys.version_info >= (3, 11):
     from typing import assert_type
@@ -125,6 +132,19 @@ def fail_on(bad: int, value: int) -> int:
 
 async def coroutine_function() -> None:
     pass
+
+
+def parent_as_seen() -> tuple[bool, str]:
+    """``parent_process().is_alive()``, and what its sentinel descriptor is."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    assert parent is not None
+    try:
+        kind = os.readlink(f"/proc/self/fd/{parent.sentinel}")
+    except OSError as exc:
+        kind = f"closed ({exc.strerror})"
+    return parent.is_alive(), kind
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -308,6 +328,62 @@ async def test_worker_killed_from_outside_fails_only_its_call(context: str, tmp_
             assert reaped(pid)
             assert pid_exists(other)
             assert await pool.run(targets.add, 1, 2) == 3  # the pool is not broken
+
+
+async def test_a_worker_forked_while_another_is_forgotten_keeps_its_parent_sentinel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork worker closes the pool's pipe ends it inherited, those open at its fork.
+
+    Starting a worker yields before the fork (``start_async``), and another task
+    may forget a dead worker meanwhile, closing its ends: their numbers are then
+    the first the new child opens (its parent's sentinel, a pidfd of the
+    parent).  Closing a list made before that wait closed them too, and the
+    worker's ``parent_process().is_alive()`` said False while the pool's
+    process lived.  The wait is widened here: the other worker dies in it.
+    """
+    await warmed_up("fork")
+    held: list[int] = []
+    with anyio.fail_after(DEADLINE), fifo(tmp_path) as (path, fd):
+        async with aioproc.Pool(2, context="fork") as pool:
+            died: list[BaseException] = []
+
+            async def call() -> None:
+                try:
+                    await pool.run(ready_then_sleep, path, 60)
+                except ProcessDied as exc:
+                    died.append(exc)
+
+            original = AsyncProcess._start_async
+
+            async def start_while_another_is_forgotten(self: AsyncProcess, around: Any) -> None:
+                os.kill(pid, signal.SIGKILL)
+                while any(w.pid == pid for w in pool._all):
+                    await anyio.sleep(0.001)
+                # The dead worker's ends are now the lowest free numbers.
+                while (filler := os.open(os.devnull, os.O_RDONLY)) < min(ends):
+                    held.append(filler)
+                os.close(filler)
+                await original(self, around)
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call)
+                    (pid,) = await ready(fd)
+                    (first,) = pool._all
+                    ends = (first.req_fd, first.res_fd)
+                    monkeypatch.setattr(
+                        AsyncProcess, "_start_async", start_while_another_is_forgotten
+                    )
+                    alive, kind = await pool.run(parent_as_seen)
+                    monkeypatch.undo()
+            finally:
+                for filler in held:
+                    os.close(filler)
+            assert len(died) == 1
+            assert alive, f"the worker sees its parent as gone; its sentinel is {kind}"
+            # A pidfd of the parent, or the stdlib's pipe without pidfds.
+            assert kind.startswith(("anon_inode:[pidfd]", "pipe:")), kind
 
 
 async def test_crashes_are_process_died_with_the_signal() -> None:

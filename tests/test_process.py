@@ -18,7 +18,15 @@ from aioproc import AsyncProcess, _popen
 from aioproc._watchers import pidfd
 
 from . import targets
-from .helpers import DEADLINE, handshake, joined, killed_afterwards, pid_exists, state_of
+from .helpers import (
+    DEADLINE,
+    handshake,
+    joined,
+    killed_afterwards,
+    pid_exists,
+    state_of,
+    warmed_up,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -358,6 +366,51 @@ async def test_active_children_and_connection_wait() -> None:
         await p.join()
     assert multiprocessing.connection.wait([p.sentinel], timeout=5) == [p.sentinel]
     assert p not in multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+async def test_the_sentinel_can_be_awaited_in_the_loop_while_a_task_joins(
+    watcher: str, context: str
+) -> None:
+    """Code written for multiprocessing waits for ``p.sentinel`` in its event loop
+    (``anyio.wait_readable``, ``loop.add_reader``); a task joins meanwhile: both wake.
+
+    An event loop takes one waiter per descriptor (anyio and trio refuse a second,
+    asyncio's ``add_reader`` silently replaces the first, which then never wakes),
+    so the descriptor ``sentinel`` gives out must not be the one a join waits on.
+    """
+    await warmed_up(context)  # a process's first child gets the stdlib's pipes too
+    ours, theirs = multiprocessing.Pipe()
+    p = AsyncProcess(target=targets.ready_then_exit, args=(theirs, 5), context=context)
+    p.start()
+    theirs.close()
+    woken: list[object] = []
+
+    async def wait_for_the_sentinel() -> None:
+        await anyio.wait_readable(p.sentinel)
+        woken.append("sentinel")
+
+    async def join() -> None:
+        woken.append(await p.join())
+
+    try:
+        assert await handshake(ours) == "ready"
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_for_the_sentinel)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(join)
+                await anyio.wait_all_tasks_blocked()
+                ours.send("go")
+    finally:
+        p.kill()  # nothing once it has exited
+        assert await joined(p) is not None
+    assert sorted(woken, key=str) == [5, "sentinel"]
+    # Not timeout=0: a join read a forkserver child's exit code from the status
+    # pipe, which turns readable again once the fork server closes its end.
+    assert multiprocessing.connection.wait([p.sentinel], timeout=DEADLINE) == [p.sentinel]
+    p.close()
+    ours.close()
 
 
 async def test_active_children_reaps_through_the_same_popen() -> None:

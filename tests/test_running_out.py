@@ -35,6 +35,7 @@ from .helpers import (
     open_fds,
     reaping_orphans,
     state_of,
+    warmed_up,
 )
 
 # -- descriptor exhaustion: RLIMIT_NOFILE -----------------------------------------
@@ -134,25 +135,35 @@ async def test_forkserver_start_with_descriptors_running_out(free: int) -> None:
             os.close(fd)
 
 
-async def test_pidfd_open_fails_after_the_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+async def test_pidfd_open_fails_after_the_fork(
+    context: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The child exists but cannot be watched: it is killed and reaped, start() says so.
 
     RLIMIT_NOFILE cannot make this happen (the start frees descriptors before it
     opens the pidfd): only another thread taking the last descriptor in between
-    could.  So pidfd_open is made to fail, with the errno it would have.
+    could.  So pidfd_open is made to fail, with the errno it would have.  A
+    forkserver child is the fork server's to reap: it is killed all the same,
+    and gone once the server has said so; it must not run on unwatched while
+    start() says that nothing is left.
     """
     if not pidfd.is_supported():
         pytest.skip("needs pidfd_open (Linux >= 5.3)")
+    await warmed_up(context)
     started: list[int] = []
     real_pidfd_open = os.pidfd_open
 
     def pidfd_open(pid: int, flags: int = 0) -> int:
+        if pid == os.getpid():  # the pidfd of this process that forkserver children get
+            return real_pidfd_open(pid, flags)
         started.append(pid)
         raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
     gc.collect()
-    fds = open_fds()
-    p = AsyncProcess(target=targets.noop)
+    fds = open_fds() - fork_server_fd()
+    ours, theirs = multiprocessing.Pipe()
+    p = AsyncProcess(target=targets.ready_then_exit, args=(theirs, 0), context=context)
     monkeypatch.setattr(os, "pidfd_open", pidfd_open)
     with pytest.raises(OSError, match="could not watch the new child") as caught:
         p.start()
@@ -164,13 +175,19 @@ async def test_pidfd_open_fails_after_the_fork(monkeypatch: pytest.MonkeyPatch) 
     assert "start() may be called again" in message
     assert "RLIMIT_NOFILE" in message
     assert len(started) == 1
-    assert state_of(started[0]) is None  # killed and reaped: no zombie
+    assert state_of(started[0]) is None  # killed and reaped: no zombie, nothing running
     assert (p.pid, p.exitcode, p.is_alive()) == (None, None, False)
-    assert open_fds() == fds
+    assert open_fds() - fork_server_fd() - {ours.fileno(), theirs.fileno()} == fds
+    while ours.poll():  # what the killed child may have said before it was killed
+        ours.recv()
     p.start()
+    theirs.close()
+    assert await handshake(ours) == "ready"
+    ours.send("go")
     with anyio.fail_after(DEADLINE):
         assert await p.join() == 0
     p.close()
+    ours.close()
 
 
 async def test_join_with_descriptors_running_out(watcher: str) -> None:
