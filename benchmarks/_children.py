@@ -48,6 +48,21 @@ def stamp_and_exit(
     os._exit(0)
 
 
+def note_and_exit(note: int, barrier: tuple[int, int], delay: float) -> NoReturn:
+    """Wait for the barrier, sleep *delay*, write a byte to *note*, ``os._exit(0)``.
+
+    The byte wakes the parent's event loop as the child ends, as a join would
+    be woken, with nothing joined (scenario 5's floor for any way of joining).
+    """
+    try:
+        wait_for_release(barrier)
+        time.sleep(delay)
+        os.write(note, b".")
+    except BaseException:
+        os._exit(CHILD_FAILED)
+    os._exit(0)
+
+
 async def stamp_and_exit_async(
     stamps: mmap.mmap | None, index: int, barrier: tuple[int, int] | None, delay: float
 ) -> None:

@@ -244,10 +244,15 @@ def _lag(section: dict[str, Any], throughput: dict[str, Any] | None) -> list[str
     for backend, lags in section["idle"].items():
         s = summary(lags)
         rows.append([f"idle {backend} loop", ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
-    for backend, lags in section.get("storm", {}).items():
-        s = summary(lags)
-        label = f"{backend} loop, children exit unjoined"
-        rows.append([label, ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
+    floors = (
+        ("storm", "{} loop, bare forks exit unjoined"),
+        ("storm_same", "{} loop, AsyncProcess children exit unjoined"),
+        ("storm_woken", "{} loop woken by each exit, nothing joined"),
+    )
+    for key, label in floors:
+        for backend, lags in section.get(key, {}).items():
+            s = summary(lags)
+            rows.append([label.format(backend), ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
     for run in section["runs"]:
         s = summary(run["lags"])
         rows.append([_name(run["way"], run), ms(s["p50"]), ms(s["p99"]), ms(s["max"])])
@@ -260,7 +265,11 @@ def _lag(section: dict[str, Any], throughput: dict[str, Any] | None) -> list[str
         *_footnote(section["runs"]),
         "Idle: the loop's own timer precision. Children exit unjoined: the same exits, "
         "nothing joining them; the loop loses a core to each exiting child, which is the "
-        "floor for every way of joining.",
+        "floor for every way of joining (AsyncProcess children cost the machine more to "
+        "end than bare forks). Woken by each exit: bare forks that write a byte to a pipe "
+        "the loop reads as they end; being woken at all makes the heartbeat later, because "
+        "epoll_wait's timeout is whole milliseconds (a wait cut short resumes rounded up): "
+        "the floor for any way of joining in an event loop, and the target's.",
         "",
     ]
     if throughput is not None:
@@ -592,15 +601,21 @@ def _throughput_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+#: How much later than the same exits with nothing joining them the heartbeat may wake.
+LAG_OVER_FLOOR = 0.0002
+
+
 def _lag_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
     ours = _pidfd(_by_way(section["runs"]))
+    woken = section.get("storm_woken", {}).get("asyncio")
+    floor = percentile(woken, 99) if woken else math.nan
     return [
         _target(
-            "5: loop lag p99 <= 1 ms while joining (pidfd)",
-            {b: _stat(r, "lags", "p99") for b, r in ours.items()},
-            lambda v: v <= 0.001,
+            f"5: loop lag p99 <= woken floor + {LAG_OVER_FLOOR * 1e3:g} ms (pidfd)",
+            {b: _stat(r, "lags", "p99") - floor for b, r in ours.items()},
+            lambda v: v <= LAG_OVER_FLOOR,
             list(ours.values()),
-            fmt=lambda x: f"{ms(x)} ms",
+            fmt=lambda x: f"{x * 1e3:+.2f} ms",
         )
     ]
 

@@ -19,6 +19,7 @@ from ._settings import START_METHODS, Settings
 from ._startblock import measure as measure_start_blocks
 from ._ways import (
     BACKENDS,
+    WAITID,
     Batch,
     BatchResult,
     Way,
@@ -133,6 +134,8 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
             "heartbeat_seconds": 0.001,
             "idle": {},
             "storm": {},
+            "storm_same": {},
+            "storm_woken": {},
             "runs": [],
         }
         results["lag"] = section
@@ -145,7 +148,17 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
             gc.collect()
             section["storm"]["asyncio"] = storm_lags("asyncio", delays, progress)
 
+        def storm_same(progress: Progress) -> None:
+            gc.collect()
+            section["storm_same"]["asyncio"] = storm_lags("asyncio", delays, progress, WAITID)
+
+        def storm_woken(progress: Progress) -> None:
+            gc.collect()
+            section["storm_woken"]["asyncio"] = storm_lags("asyncio", delays, progress, woken=True)
+
         steps.append(Step("5 exits, no joins · asyncio", len(delays), storm))
+        steps.append(Step("5 AsyncProcess exits, no joins · asyncio", len(delays), storm_same))
+        steps.append(Step("5 exits that wake the loop · asyncio", len(delays), storm_woken))
         section["start_blocks"] = []
         for method in START_METHODS:
             if method not in multiprocessing.get_all_start_methods():

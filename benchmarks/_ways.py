@@ -42,7 +42,14 @@ import aioproc
 from aioproc._watchers import why_unavailable
 
 from . import _system
-from ._children import Barrier, noop, noop_async, stamp_and_exit, stamp_and_exit_async
+from ._children import (
+    Barrier,
+    noop,
+    noop_async,
+    note_and_exit,
+    stamp_and_exit,
+    stamp_and_exit_async,
+)
 from ._progress import Progress
 from ._runner import Backend, run_on
 
@@ -445,29 +452,69 @@ async def idle_lags(seconds: float) -> list[float]:
     return lags
 
 
-def storm_lags(backend: Backend, delays: Sequence[float], progress: Progress) -> list[float]:
-    """The heartbeat's lateness while bare fork children exit on *delays*, unjoined.
+def storm_lags(
+    backend: Backend,
+    delays: Sequence[float],
+    progress: Progress,
+    way: Way | None = None,
+    *,
+    woken: bool = False,
+) -> list[float]:
+    """The heartbeat's lateness while children exit on *delays*, unjoined.
 
     The loop does nothing but the heartbeat; the children are reaped after it
     stops.  What remains is the machine's own cost of the exits (each one
     takes CPU from a core the loop could be running on): the floor for any
-    way of joining them.
+    way of joining them.  *way* says whose children: bare forks (``raw``, the
+    default) or AsyncProcess children (``waitid``), whose exits cost the
+    machine more (they have more pages to free).  With *woken*, each bare
+    fork also writes a byte to a pipe the loop reads just before it exits:
+    the loop is woken once per exit, as any way of joining wakes it, and
+    does nothing else.  That alone makes the heartbeat later, because an
+    event loop's timer waits in ``epoll_wait``, whose timeout is whole
+    milliseconds: a wait cut short is resumed for its remaining time rounded
+    up to the next millisecond.
     """
+    children = (way or RAW).children("fork")
     barrier = Barrier()
-    pids = []
+    note_r, note_w = os.pipe() if woken else (-1, -1)
+    handles = []
     try:
         for delay in delays:
-            pid = os.fork()
-            if pid == 0:
-                stamp_and_exit(None, 0, barrier.ends, delay)
-            pids.append(pid)
+            if woken:
+                handles.append(children.start(note_and_exit, (note_w, barrier.ends, delay)))
+            else:
+                handles.append(children.start(stamp_and_exit, (None, 0, barrier.ends, delay)))
         barrier.release()
-        lags: list[float] = run_on(backend, idle_lags, max(delays) + 0.05)
+        lags: list[float] = run_on(backend, _woken_lags, max(delays) + 0.05, note_r)
     finally:
         barrier.close()
-        for pid in pids:
-            os.waitpid(pid, 0)
+        for _ in children.join_all(handles):
             progress.advance()
+        for handle in handles:
+            children.close(handle)
+        for fd in (note_r, note_w):
+            if fd >= 0:
+                os.close(fd)
+    return lags
+
+
+async def _woken_lags(seconds: float, note: int) -> list[float]:
+    """``idle_lags``, with a task that reads what arrives on *note* (-1: none)."""
+    if note < 0:
+        return await idle_lags(seconds)
+
+    async def drain() -> None:
+        os.set_blocking(note, False)
+        while True:
+            await anyio.wait_readable(note)
+            with contextlib.suppress(BlockingIOError):
+                os.read(note, 4096)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain)
+        lags = await idle_lags(seconds)
+        tg.cancel_scope.cancel()
     return lags
 
 
