@@ -171,12 +171,21 @@ class _AioprocPopen(popen_fork.Popen):
     _deferred = False
 
     def __init__(self, process_obj: BaseProcess, *, deferred: bool = False) -> None:
+        # What the stdlib's chain of __init__ methods does (popen_spawn_posix's
+        # or popen_forkserver's, then popen_fork's), in one call: after a fork
+        # each function a start calls is a page or two copied (see _start).
         self._reap_lock = threading.Lock()
         self._owner = os.getpid()
         if deferred:
             self._deferred = True
-        self._process = weakref.ref(process_obj)
-        super().__init__(process_obj)
+        util._flush_std_streams()  # type: ignore[attr-defined]
+        self.returncode = None
+        self.finalizer = None
+        self._launch(process_obj)
+
+    def _launch(self, process_obj: BaseProcess) -> None:
+        """Create the child (the stdlib's name): one method per start method."""
+        raise NotImplementedError
 
     # -- collecting the status ---------------------------------------------------
 
@@ -194,9 +203,12 @@ class _AioprocPopen(popen_fork.Popen):
     def _lost(self, reason: str) -> None:
         self.status_lost = True
         self.lost_reason = reason
-        proc = self._process()
-        if proc is not None:  # stdlib's active_children() must not list it forever
-            process._children.discard(proc)  # type: ignore[attr-defined]
+        # The stdlib's active_children() must not list it forever.  (Found by
+        # searching, not through a reference kept from the start: that would
+        # be one more object for every start to make.)
+        for proc in list(process._children):  # type: ignore[attr-defined]
+            if proc._popen is self:
+                process._children.discard(proc)  # type: ignore[attr-defined]
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the exit (at most *timeout* seconds) and collect the status."""
@@ -329,7 +341,8 @@ class _ReapedHere(_AioprocPopen):
         Opened right after the child exists, and kept only if the child is still
         unreaped then (else the pid may be a stranger's): a child already reaped
         by someone else gets a sentinel that reads as "gone" instead.  Fails
-        (EMFILE) after killing and reaping the child.
+        (EMFILE) after killing and reaping the child.  ``close()`` closes it,
+        or ``__del__`` (a finalizer object would be one more object per start).
         """
         try:
             fd = os.pidfd_open(self.pid)
@@ -353,8 +366,24 @@ class _ReapedHere(_AioprocPopen):
                 self.abandon()
                 raise
             os.close(w)
-        self.sentinel = fd
+        self.sentinel = self._own_sentinel = fd
         return fd
+
+    #: The sentinel made by ``_take_pidfd``, for ``close()`` to close; -1 once closed.
+    _own_sentinel = -1
+
+    def close(self) -> None:
+        fd, self._own_sentinel = self._own_sentinel, -1
+        if fd >= 0 and self.owned_here():
+            os.close(fd)
+        super().close()
+
+    def __del__(self) -> None:
+        fd = self._own_sentinel
+        if fd >= 0:
+            with contextlib.suppress(Exception):  # late at interpreter exit too
+                if self.owned_here():
+                    os.close(fd)
 
     def abandon(self) -> None:
         pid = getattr(self, "pid", None)
@@ -390,12 +419,7 @@ class ForkPopen(_ReapedHere):
             self.pid = os.fork()
             if self.pid == 0:
                 _run_forked_child(process_obj, (), None)
-            fd = self._take_pidfd()
-            self.finalizer = _Closer(
-                self,
-                util.close_fds,  # type: ignore[attr-defined]
-                (fd,),
-            )
+            self._take_pidfd()
             return
         opened: list[int] = []
         try:
@@ -546,6 +570,7 @@ class SpawnPopen(_ReapedHere, popen_spawn_posix.Popen):
     method = "spawn"
 
     def _launch(self, process_obj: BaseProcess) -> None:
+        self._fds = []
         try:
             tracker_fd = resource_tracker.getfd()
             if tracker_fd is not None:
@@ -580,12 +605,7 @@ class SpawnPopen(_ReapedHere, popen_spawn_posix.Popen):
             self._spawn(child_r)
         finally:
             os.close(child_r)
-        fd = self._take_pidfd()
-        self.finalizer = _Closer(
-            self,
-            util.close_fds,  # type: ignore[attr-defined]
-            (fd,),
-        )
+        self._take_pidfd()
 
     def _launch_with_pipes(self) -> None:
         """The stdlib's way: a sentinel pipe, and the data pipe kept as the child's
@@ -682,6 +702,7 @@ class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
     _pid_read = False
 
     def _launch(self, process_obj: BaseProcess) -> None:
+        self._fds = []
         try:
             lifeline = own_pidfd()
             # The child's sign that its parent lives, sent with the request

@@ -277,12 +277,8 @@ class AsyncProcess(mp_process.BaseProcess):
         if self._new_process_group and popen.group_from_parent:
             set_group_from_parent(popen.pid)
         try:
-            child = _Child(
-                popen,
-                watch_cls,
-                group=self._new_process_group,
-                kill_group_at_exit=self._kill_group_at_exit,
-            )
+            # (No keywords: their names are objects too; see _start.)
+            child = _Child(popen, watch_cls, self._new_process_group, self._kill_group_at_exit)
         except BaseException as exc:
             popen.abandon()
             if isinstance(exc, OSError):
