@@ -189,7 +189,7 @@ class Child:
                     return None
                 self._kill_group_remnants()
             popen.poll()
-            if self._done():
+            if self._watch is not None and self._done():
                 self._release_watch()
         return popen.returncode
 
@@ -264,7 +264,7 @@ class Child:
 
     async def wait(self) -> int | None:
         """Wait for the child to exit; its exit code (``result()``)."""
-        if self._done() or self.poll() is not None:
+        if self.poll() is not None or self.popen.status_lost:
             await anyio.lowlevel.checkpoint()
             return self.result()
         joiners = self._join_begin()
@@ -428,6 +428,8 @@ class Child:
             _fds.release(*fds, self.pidfd, self._given_sentinel)
 
     def __del__(self) -> None:
+        if self.pidfd < 0 and self._given_sentinel < 0 and not self._fds:
+            return  # closed
         if os.getpid() != self._parent_pid:
             return  # a forked copy: the descriptors are not ours
         self._release_fds()

@@ -58,6 +58,7 @@ from . import _fds
 from ._usage import ResourceUsage
 
 if TYPE_CHECKING:
+    import resource
     from multiprocessing.process import BaseProcess
 
 #: Python 3.13 runs the child's atexit handlers in a forked child (gh-83856).
@@ -155,9 +156,9 @@ class _AioprocPopen(popen_fork.Popen):
     lifeline_problem: ClassVar[str | None] = None
     #: Descriptors passed to a spawn or forkserver child (the stdlib's list).
     _fds: list[int]
-    #: Set when the child is reaped with wait4; None where the kernel's
-    #: accounting does not reach us (forkserver).
-    resource_usage: ResourceUsage | None = None
+    #: What wait4 said the child cost, as the kernel gave it; None until
+    #: reaped, and where the kernel's accounting does not reach us (forkserver).
+    _rusage: resource.struct_rusage | None = None
     #: Someone else collected the exit status: it cannot be known any more.
     status_lost = False
     #: What happened to the status, for the error that reports it.
@@ -186,6 +187,15 @@ class _AioprocPopen(popen_fork.Popen):
     def _launch(self, process_obj: BaseProcess) -> None:
         """Create the child (the stdlib's name): one method per start method."""
         raise NotImplementedError
+
+    _usage: ResourceUsage | None = None
+
+    @property
+    def resource_usage(self) -> ResourceUsage | None:
+        """The child's CPU time and peak memory, once reaped here (made when first asked for)."""
+        if self._usage is None and self._rusage is not None:
+            self._usage = ResourceUsage.from_rusage(self._rusage)
+        return self._usage
 
     # -- collecting the status ---------------------------------------------------
 
@@ -311,7 +321,7 @@ class _ReapedHere(_AioprocPopen):
                 )
             return
         if pid == self.pid:
-            self.resource_usage = ResourceUsage.from_rusage(usage)
+            self._rusage = usage
             self.returncode = os.waitstatus_to_exitcode(status)
 
     def exit_state(self) -> Exit:

@@ -305,7 +305,8 @@ class AsyncProcess(mp_process.BaseProcess):
         """
         import anyio
 
-        timeout = check_timeout(timeout)
+        if timeout is not None:  # (a call fewer for the common case, as below)
+            timeout = check_timeout(timeout)
         child = self._started_child("join")
         if timeout is None:
             code = await child.wait()
@@ -380,8 +381,10 @@ class AsyncProcess(mp_process.BaseProcess):
             )
 
     def _started_child(self, action: str) -> Child:
-        self._check_closed()
-        if self is mp_process.current_process():
+        # Calls only to raise: every join and signal passes here.
+        if self._closed:
+            self._check_closed()
+        if self is mp_process._current_process:  # type: ignore[attr-defined]
             raise RuntimeError(f"a process cannot {action} itself")
         if self._parent_pid != os.getpid():
             raise RuntimeError(
