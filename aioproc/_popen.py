@@ -717,8 +717,8 @@ class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
             lifeline = own_pidfd()
             # The child's sign that its parent lives, sent with the request
             # (SCM_RIGHTS) as the stdlib sends a pickled object's descriptors.
-            process_obj._parent_pidfd = (  # type: ignore[attr-defined]
-                None if lifeline < 0 else self.DupFd(self.duplicate_for_child(lifeline))
+            process_obj._parent_pidfd_at = (  # type: ignore[attr-defined]
+                None if lifeline < 0 else self.duplicate_for_child(lifeline)
             )
             self._data = self._pickled(process_obj)
             forkserver.ensure_running()

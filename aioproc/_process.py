@@ -31,7 +31,6 @@ from ._tree import (
 )
 
 if TYPE_CHECKING:
-    from multiprocessing.popen_forkserver import _DupFd
     from multiprocessing.process import BaseProcess
 
     from ._child import Child
@@ -126,9 +125,13 @@ class AsyncProcess(mp_process.BaseProcess):
     #: Set by the Popen: the child watches its parent through a pidfd of its own,
     #: not through an inherited pipe (one descriptor per child in the parent).
     _parent_by_pidfd = False
-    #: Set by the forkserver Popen: a pidfd of the parent, sent with the request
-    #: (a ``DupFd``), which the child watches instead of the data pipe.
-    _parent_pidfd: _DupFd | None = None
+    #: Set by the forkserver Popen: where a pidfd of the parent, sent with the
+    #: request, is among the descriptors the fork server passes on
+    #: (``forkserver.get_inherited_fds()``); the child watches it instead of
+    #: the data pipe.  An int, not the stdlib's ``DupFd``: unpickling that
+    #: imports popen_fork and popen_forkserver in every child, which cost
+    #: forkserver start+join throughput 6-10%.
+    _parent_pidfd_at: int | None = None
 
     if TYPE_CHECKING:  # BaseProcess's private attributes, which typeshed leaves out
         _popen: AioprocPopen | None
@@ -513,13 +516,17 @@ class AsyncProcess(mp_process.BaseProcess):
             if parent_sentinel is not None:  # spawn's: the data pipe, at its end
                 os.close(parent_sentinel)
             parent_sentinel = watch_parent(self._parent_pid)
-        elif self._parent_pidfd is not None:
+        elif self._parent_pidfd_at is not None:
             # forkserver's is a duplicate of the data pipe, which reads as "gone"
             # once the parent has sent the data and closed its end.
-            if parent_sentinel is not None:
-                os.close(parent_sentinel)
-            parent_sentinel = self._parent_pidfd.detach()
-            self._parent_pidfd = None
+            from multiprocessing import forkserver  # the fork server's: loaded
+
+            inherited = forkserver.get_inherited_fds()
+            if inherited is not None:  # always, in a child of the fork server
+                if parent_sentinel is not None:
+                    os.close(parent_sentinel)
+                parent_sentinel = inherited[self._parent_pidfd_at]
+            self._parent_pidfd_at = None
         # Before anything of the user's runs: it may start processes at once.
         if self._die_with_parent and self._lifeline_parent is not None:
             arm_lifeline(self._lifeline_parent, self._lifeline_thread)
