@@ -10,11 +10,14 @@ never uses, on first use.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from ._process import AsyncProcess as AsyncProcess
 
+# typing.TYPE_CHECKING without importing typing, as in _process.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._exceptions import ExitStatusLost as ExitStatusLost
     from ._exceptions import InitializerError as InitializerError
     from ._exceptions import PoolClosed as PoolClosed

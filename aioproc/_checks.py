@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import multiprocessing.context
-import numbers
 import sys
 
 #: Whether ``die_with_parent=True`` can work here: Linux's PR_SET_PDEATHSIG.
@@ -25,6 +24,8 @@ START_METHODS = ("fork", "spawn", "forkserver")
 
 def _seconds(value: object, what: str, *, none_ok: bool) -> float:
     """*value* as a float number of seconds (inf for a huge one); TypeError otherwise."""
+    import numbers  # noqa: PLC0415 - not for the spawn children that import this module
+
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         allowed = " or None" if none_ok else ""
         raise TypeError(

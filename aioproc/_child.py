@@ -105,12 +105,15 @@ class Child:
     _lost_reported = False
     #: The duplicate of the Popen's sentinel given out as ``sentinel``; -1 until asked for.
     _given_sentinel = -1
+    #: The watch, made when a join first waits (``_wait_exited``): a child
+    #: that has exited by its first join never needs one, and a start that
+    #: allocates less writes fewer pages (see _start on why that counts).
+    _watch: Watch | None = None
 
     def __init__(
         self,
         popen: AioprocPopen,
         watch_cls: type[Watch],
-        *,
         group: bool = False,
         kill_group_at_exit: bool = False,
     ) -> None:
@@ -121,24 +124,22 @@ class Child:
             self.group = True
             #: SIGKILL what is left of the group once the child has exited (``run``).
             self.kill_group_at_exit = kill_group_at_exit
-        self._parent_pid = os.getpid()
+        self._parent_pid = popen._owner  # os.getpid(), without making another int
         self._lock = threading.Lock()
         if popen.pidfd >= 0:  # the Popen's own, its sentinel and only descriptor
             self.pidfd = popen.pidfd
             self._own_pidfd = False
-            self._fds = (popen.pidfd,)
             _fds.hold(popen.pidfd)
         else:
             self._open_pidfd()
             finalizer = popen.finalizer  # the stdlib's: it closes the pipe ends
             self._fds = (popen.sentinel, *(finalizer._args if finalizer is not None else ()))  # type: ignore[attr-defined]
             _fds.hold(*self._fds)
-        supported = pidfd_support.supported or pidfd_support.is_supported()
-        if watch_cls is PidfdWatch and not supported:
+        if not pidfd_support.supported and watch_cls is PidfdWatch:
             # pidfd_open was refused just now (a sandbox): the next watcher,
             # or WatcherUnavailable if pidfd was forced.
             watch_cls = choose(type(popen))
-        self.watch: Watch = watch_cls(popen, self.pidfd)
+        self._watch_cls = watch_cls
 
     def _open_pidfd(self) -> None:
         """Open the child's pidfd, if the kernel has them and it still names the child.
@@ -188,7 +189,7 @@ class Child:
                     return None
                 self._kill_group_remnants()
             popen.poll()
-            if self._done():
+            if self._watch is not None and self._done():
                 self._release_watch()
         return popen.returncode
 
@@ -197,7 +198,12 @@ class Child:
         with self._lock:
             if self._joiners is not None and self._joiners.count:
                 return
-        self.watch.close()
+        self._close_watch()
+
+    def _close_watch(self) -> None:
+        watch = self._watch
+        if watch is not None:
+            watch.close()
 
     def result(self) -> int | None:
         """``poll()``, raising ``ExitStatusLost`` the first time the status is found lost."""
@@ -221,7 +227,7 @@ class Child:
 
     @property
     def watcher_name(self) -> WatcherName:
-        return self.watch.name
+        return (self._watch or self._watch_cls).name
 
     def sentinel(self) -> int:
         """What ``AsyncProcess.sentinel`` gives out: readable once the child has exited.
@@ -258,7 +264,7 @@ class Child:
 
     async def wait(self) -> int | None:
         """Wait for the child to exit; its exit code (``result()``)."""
-        if self._done() or self.poll() is not None:
+        if self.poll() is not None or self.popen.status_lost:
             await anyio.lowlevel.checkpoint()
             return self.result()
         joiners = self._join_begin()
@@ -281,7 +287,8 @@ class Child:
                             f"pid {self.pid} is already being joined in another event loop; "
                             "join a process from one event loop at a time"
                         )
-                    self.watch.forget_loop(joiners.token)  # its tasks will never run again
+                    if self._watch is not None:  # its tasks will never run again
+                        self._watch.forget_loop(joiners.token)
                 joiners = self._joiners = _Joiners(token)
             joiners.count += 1
             return joiners
@@ -293,10 +300,10 @@ class Child:
                 return
             self._joiners = None
         if self._done():
-            self.watch.close()
+            self._close_watch()
 
     async def _wait_exited(self) -> None:
-        watch = self.watch = usable_at_join(self.watch)
+        watch = self._watch = usable_at_join(self._watch or self._watch_cls(self.popen, self.pidfd))
         try:
             await watch.wait_exited()
         except anyio.ClosedResourceError:
@@ -403,9 +410,9 @@ class Child:
                     "cannot close a process while join() waits for it in an event loop of "
                     "another thread; await that join first"
                 )
-            if joiners.token != token_here():
-                self.watch.forget_loop(joiners.token)
-        self.watch.close()
+            if joiners.token != token_here() and self._watch is not None:
+                self._watch.forget_loop(joiners.token)
+        self._close_watch()
         self._release_fds()
         pidfd, self.pidfd = self.pidfd, -1
         if pidfd >= 0 and self._own_pidfd:
@@ -421,6 +428,8 @@ class Child:
             _fds.release(*fds, self.pidfd, self._given_sentinel)
 
     def __del__(self) -> None:
+        if self.pidfd < 0 and self._given_sentinel < 0 and not self._fds:
+            return  # closed
         if os.getpid() != self._parent_pid:
             return  # a forked copy: the descriptors are not ours
         self._release_fds()

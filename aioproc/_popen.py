@@ -58,6 +58,7 @@ from . import _fds
 from ._usage import ResourceUsage
 
 if TYPE_CHECKING:
+    import resource
     from multiprocessing.process import BaseProcess
 
 #: Python 3.13 runs the child's atexit handlers in a forked child (gh-83856).
@@ -155,9 +156,9 @@ class _AioprocPopen(popen_fork.Popen):
     lifeline_problem: ClassVar[str | None] = None
     #: Descriptors passed to a spawn or forkserver child (the stdlib's list).
     _fds: list[int]
-    #: Set when the child is reaped with wait4; None where the kernel's
-    #: accounting does not reach us (forkserver).
-    resource_usage: ResourceUsage | None = None
+    #: What wait4 said the child cost, as the kernel gave it; None until
+    #: reaped, and where the kernel's accounting does not reach us (forkserver).
+    _rusage: resource.struct_rusage | None = None
     #: Someone else collected the exit status: it cannot be known any more.
     status_lost = False
     #: What happened to the status, for the error that reports it.
@@ -171,12 +172,30 @@ class _AioprocPopen(popen_fork.Popen):
     _deferred = False
 
     def __init__(self, process_obj: BaseProcess, *, deferred: bool = False) -> None:
+        # What the stdlib's chain of __init__ methods does (popen_spawn_posix's
+        # or popen_forkserver's, then popen_fork's), in one call: after a fork
+        # each function a start calls is a page or two copied (see _start).
         self._reap_lock = threading.Lock()
         self._owner = os.getpid()
         if deferred:
             self._deferred = True
-        self._process = weakref.ref(process_obj)
-        super().__init__(process_obj)
+        util._flush_std_streams()  # type: ignore[attr-defined]
+        self.returncode = None
+        self.finalizer = None
+        self._launch(process_obj)
+
+    def _launch(self, process_obj: BaseProcess) -> None:
+        """Create the child (the stdlib's name): one method per start method."""
+        raise NotImplementedError
+
+    _usage: ResourceUsage | None = None
+
+    @property
+    def resource_usage(self) -> ResourceUsage | None:
+        """The child's CPU time and peak memory, once reaped here (made when first asked for)."""
+        if self._usage is None and self._rusage is not None:
+            self._usage = ResourceUsage.from_rusage(self._rusage)
+        return self._usage
 
     # -- collecting the status ---------------------------------------------------
 
@@ -194,9 +213,12 @@ class _AioprocPopen(popen_fork.Popen):
     def _lost(self, reason: str) -> None:
         self.status_lost = True
         self.lost_reason = reason
-        proc = self._process()
-        if proc is not None:  # stdlib's active_children() must not list it forever
-            process._children.discard(proc)  # type: ignore[attr-defined]
+        # The stdlib's active_children() must not list it forever.  (Found by
+        # searching, not through a reference kept from the start: that would
+        # be one more object for every start to make.)
+        for proc in list(process._children):  # type: ignore[attr-defined]
+            if proc._popen is self:
+                process._children.discard(proc)  # type: ignore[attr-defined]
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the exit (at most *timeout* seconds) and collect the status."""
@@ -299,7 +321,7 @@ class _ReapedHere(_AioprocPopen):
                 )
             return
         if pid == self.pid:
-            self.resource_usage = ResourceUsage.from_rusage(usage)
+            self._rusage = usage
             self.returncode = os.waitstatus_to_exitcode(status)
 
     def exit_state(self) -> Exit:
@@ -329,7 +351,8 @@ class _ReapedHere(_AioprocPopen):
         Opened right after the child exists, and kept only if the child is still
         unreaped then (else the pid may be a stranger's): a child already reaped
         by someone else gets a sentinel that reads as "gone" instead.  Fails
-        (EMFILE) after killing and reaping the child.
+        (EMFILE) after killing and reaping the child.  ``close()`` closes it,
+        or ``__del__`` (a finalizer object would be one more object per start).
         """
         try:
             fd = os.pidfd_open(self.pid)
@@ -353,8 +376,24 @@ class _ReapedHere(_AioprocPopen):
                 self.abandon()
                 raise
             os.close(w)
-        self.sentinel = fd
+        self.sentinel = self._own_sentinel = fd
         return fd
+
+    #: The sentinel made by ``_take_pidfd``, for ``close()`` to close; -1 once closed.
+    _own_sentinel = -1
+
+    def close(self) -> None:
+        fd, self._own_sentinel = self._own_sentinel, -1
+        if fd >= 0 and self.owned_here():
+            os.close(fd)
+        super().close()
+
+    def __del__(self) -> None:
+        fd = self._own_sentinel
+        if fd >= 0:
+            with contextlib.suppress(Exception):  # late at interpreter exit too
+                if self.owned_here():
+                    os.close(fd)
 
     def abandon(self) -> None:
         pid = getattr(self, "pid", None)
@@ -390,12 +429,7 @@ class ForkPopen(_ReapedHere):
             self.pid = os.fork()
             if self.pid == 0:
                 _run_forked_child(process_obj, (), None)
-            fd = self._take_pidfd()
-            self.finalizer = _Closer(
-                self,
-                util.close_fds,  # type: ignore[attr-defined]
-                (fd,),
-            )
+            self._take_pidfd()
             return
         opened: list[int] = []
         try:
@@ -546,6 +580,7 @@ class SpawnPopen(_ReapedHere, popen_spawn_posix.Popen):
     method = "spawn"
 
     def _launch(self, process_obj: BaseProcess) -> None:
+        self._fds = []
         try:
             tracker_fd = resource_tracker.getfd()
             if tracker_fd is not None:
@@ -580,12 +615,7 @@ class SpawnPopen(_ReapedHere, popen_spawn_posix.Popen):
             self._spawn(child_r)
         finally:
             os.close(child_r)
-        fd = self._take_pidfd()
-        self.finalizer = _Closer(
-            self,
-            util.close_fds,  # type: ignore[attr-defined]
-            (fd,),
-        )
+        self._take_pidfd()
 
     def _launch_with_pipes(self) -> None:
         """The stdlib's way: a sentinel pipe, and the data pipe kept as the child's
@@ -682,12 +712,13 @@ class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
     _pid_read = False
 
     def _launch(self, process_obj: BaseProcess) -> None:
+        self._fds = []
         try:
             lifeline = own_pidfd()
             # The child's sign that its parent lives, sent with the request
             # (SCM_RIGHTS) as the stdlib sends a pickled object's descriptors.
-            process_obj._parent_pidfd = (  # type: ignore[attr-defined]
-                None if lifeline < 0 else self.DupFd(self.duplicate_for_child(lifeline))
+            process_obj._parent_pidfd_at = (  # type: ignore[attr-defined]
+                None if lifeline < 0 else self.duplicate_for_child(lifeline)
             )
             self._data = self._pickled(process_obj)
             forkserver.ensure_running()

@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
 
 from . import _fds
 from ._checks import (
@@ -30,9 +29,13 @@ from ._tree import (
     watch_parent,
 )
 
+# typing.TYPE_CHECKING, without importing typing: every spawn child imports
+# this module to unpickle its process object, and typing takes 1.6 ms to
+# import (mypy reads any TYPE_CHECKING as true).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from multiprocessing.popen_forkserver import _DupFd
     from multiprocessing.process import BaseProcess
+    from typing import Any
 
     from ._child import Child
     from ._popen import AioprocPopen
@@ -126,9 +129,13 @@ class AsyncProcess(mp_process.BaseProcess):
     #: Set by the Popen: the child watches its parent through a pidfd of its own,
     #: not through an inherited pipe (one descriptor per child in the parent).
     _parent_by_pidfd = False
-    #: Set by the forkserver Popen: a pidfd of the parent, sent with the request
-    #: (a ``DupFd``), which the child watches instead of the data pipe.
-    _parent_pidfd: _DupFd | None = None
+    #: Set by the forkserver Popen: where a pidfd of the parent, sent with the
+    #: request, is among the descriptors the fork server passes on
+    #: (``forkserver.get_inherited_fds()``); the child watches it instead of
+    #: the data pipe.  An int, not the stdlib's ``DupFd``: unpickling that
+    #: imports popen_fork and popen_forkserver in every child, which cost
+    #: forkserver start+join throughput 6-10%.
+    _parent_pidfd_at: int | None = None
 
     if TYPE_CHECKING:  # BaseProcess's private attributes, which typeshed leaves out
         _popen: AioprocPopen | None
@@ -277,12 +284,8 @@ class AsyncProcess(mp_process.BaseProcess):
         if self._new_process_group and popen.group_from_parent:
             set_group_from_parent(popen.pid)
         try:
-            child = _Child(
-                popen,
-                watch_cls,
-                group=self._new_process_group,
-                kill_group_at_exit=self._kill_group_at_exit,
-            )
+            # (No keywords: their names are objects too; see _start.)
+            child = _Child(popen, watch_cls, self._new_process_group, self._kill_group_at_exit)
         except BaseException as exc:
             popen.abandon()
             if isinstance(exc, OSError):
@@ -309,7 +312,8 @@ class AsyncProcess(mp_process.BaseProcess):
         """
         import anyio
 
-        timeout = check_timeout(timeout)
+        if timeout is not None:  # (a call fewer for the common case, as below)
+            timeout = check_timeout(timeout)
         child = self._started_child("join")
         if timeout is None:
             code = await child.wait()
@@ -384,8 +388,10 @@ class AsyncProcess(mp_process.BaseProcess):
             )
 
     def _started_child(self, action: str) -> Child:
-        self._check_closed()
-        if self is mp_process.current_process():
+        # Calls only to raise: every join and signal passes here.
+        if self._closed:
+            self._check_closed()
+        if self is mp_process._current_process:  # type: ignore[attr-defined]
             raise RuntimeError(f"a process cannot {action} itself")
         if self._parent_pid != os.getpid():
             raise RuntimeError(
@@ -514,13 +520,17 @@ class AsyncProcess(mp_process.BaseProcess):
             if parent_sentinel is not None:  # spawn's: the data pipe, at its end
                 os.close(parent_sentinel)
             parent_sentinel = watch_parent(self._parent_pid)
-        elif self._parent_pidfd is not None:
+        elif self._parent_pidfd_at is not None:
             # forkserver's is a duplicate of the data pipe, which reads as "gone"
             # once the parent has sent the data and closed its end.
-            if parent_sentinel is not None:
-                os.close(parent_sentinel)
-            parent_sentinel = self._parent_pidfd.detach()
-            self._parent_pidfd = None
+            from multiprocessing import forkserver  # the fork server's: loaded
+
+            inherited = forkserver.get_inherited_fds()
+            if inherited is not None:  # always, in a child of the fork server
+                if parent_sentinel is not None:
+                    os.close(parent_sentinel)
+                parent_sentinel = inherited[self._parent_pidfd_at]
+            self._parent_pidfd_at = None
         # Before anything of the user's runs: it may start processes at once.
         if self._die_with_parent and self._lifeline_parent is not None:
             arm_lifeline(self._lifeline_parent, self._lifeline_thread)

@@ -42,19 +42,25 @@ def reset_loop_state() -> None:
     # Each object touched here is a page copied in every fork child (10 for
     # asyncio's _set_running_loop(None), which is why it is left to asyncio):
     # the modules are looked up by their full names, without the packages,
-    # and the policy's thread-local is reset in place rather than replaced.
+    # and the thread-locals are reset in place rather than replaced, by
+    # taking the names out of their dictionaries (their class attributes are
+    # the defaults; a setattr would look the name up in the class too).
+    # Measured in fork children of an asyncio loop (Python 3.11, faults and
+    # time per child): asyncio's policy 11-13 -> 9-11 and 24-27 -> 19-23 us,
+    # sniffio's thread-local 4-6 -> 1-2 and 9-10 -> 5-6 us.
     modules = sys.modules
     if not _ASYNCIO_RESETS_AT_FORK:
         events = modules.get("asyncio.events")
         if events is not None:
             local = getattr(getattr(events, "_event_loop_policy", None), "_local", None)
-            if local is not None:
-                local._loop = None
-                local._set_called = False
+            state = getattr(local, "__dict__", None)
+            if state is not None:
+                state.pop("_loop", None)
+                state.pop("_set_called", None)
 
     sniffio = modules.get("sniffio")
     if sniffio is not None:
-        sniffio.thread_local.name = None
+        sniffio.thread_local.__dict__.pop("name", None)
 
     anyio_eventloop = modules.get("anyio._core._eventloop")
     if anyio_eventloop is not None:

@@ -26,7 +26,12 @@ child keeps about 235 private pages, most of them CPython's own after-fork
 work, a stdlib ``Process`` child about 400.  Hence a start here binds the parent
 side once instead of importing it per start, calls a check only for a value it
 may refuse, keeps defaults as class attributes, and uses no generator-based
-context manager around the fork.
+context manager around the fork.  What counts is how many distinct pages a
+cycle of starts writes (every function called, every object referenced or
+allocated), not on which side of the fork: when starts follow one another, the
+work before one fork comes after the previous one.  Measured (2026-12-07):
+40 objects more per start cost 12 pages a cycle whether made before the fork
+or after it.
 """
 
 from __future__ import annotations

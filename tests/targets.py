@@ -489,7 +489,7 @@ def reuse_and_drop_siblings(conn: Connection, siblings: list[Any]) -> None:
     opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(3 * len(siblings) + 8)]
     for p in siblings:
         child = p._child
-        child.watch.close()  # what their __del__ would do
+        child._close_watch()  # what their __del__ would do
         child.__del__()
     try:
         siblings[0].terminate()

@@ -42,8 +42,9 @@ async def test_a_fork_child_releases_nothing_of_its_siblings() -> None:
     for sibling in siblings:
         sibling.start()
     try:
-        popens = [s._popen for s in siblings]
-        watched: list[object] = [*siblings, *(q.finalizer for q in popens if q is not None)]
+        popens = [s._popen for s in siblings if s._popen is not None]
+        finalizers = [q.finalizer for q in popens if q.finalizer is not None]  # pipes only
+        watched: list[object] = [*siblings, *popens, *finalizers]
         p = AsyncProcess(target=_send_refcounts, args=(theirs, watched), context="fork")
         before = _refcounts(watched)
         p.start()

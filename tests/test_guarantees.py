@@ -146,9 +146,9 @@ def _descriptors_of(processes: list[AsyncProcess]) -> set[int]:
     for p in processes:
         child = p._child
         assert child is not None
-        assert child.popen.finalizer is not None
         fds.add(child.popen.sentinel)
-        fds.update(child.popen.finalizer._args)  # type: ignore[attr-defined]
+        if child.popen.finalizer is not None:  # the pipes; a pidfd sentinel has none
+            fds.update(child.popen.finalizer._args)  # type: ignore[attr-defined]
         if child.pidfd >= 0:
             fds.add(child.pidfd)
     return fds
