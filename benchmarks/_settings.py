@@ -42,6 +42,10 @@ class Settings:
     #: Scenario 1: children, exits per second (scenarios 2 and 5 use the rate too).
     n: int = 1000
     rate: float = 500.0
+    #: Scenario 1: the children are split into this many rounds, each running
+    #: every way in turn, so that no way always runs first (when the process is
+    #: smallest: its children are the cheapest to fork and to end).
+    latency_rounds: int = 3
     #: Scenario 5: children joined while the heartbeat runs.
     lag_n: int = 500
     #: Scenario 2: long children (exit after long_seconds), then short ones at `rate`.
@@ -103,6 +107,7 @@ class Settings:
         return [
             RAW,
             WAITID,
+            *(Way("wake", backend) for backend in BACKENDS),
             SYNC,
             THREAD,
             POLL,
@@ -158,6 +163,7 @@ def preset(name: str) -> Settings:
             aiomultiprocess=True,
             watchers_on=("asyncio",),
             n=20,
+            latency_rounds=1,
             lag_n=20,
             hol_long=2,
             hol_long_seconds=0.2,

@@ -53,13 +53,15 @@ from ._children import (
 from ._progress import Progress
 from ._runner import Backend, run_on
 
-Kind = Literal["raw", "waitid", "sync", "thread", "poll", "aiomultiprocess", "aioproc"]
+Kind = Literal["raw", "waitid", "wake", "sync", "thread", "poll", "aiomultiprocess", "aioproc"]
 T = TypeVar("T")
 
 BACKENDS: tuple[Backend, ...] = ("asyncio", "uvloop", "trio")
 HOW: dict[str, str] = {
     "raw": "os.fork + os._exit, reaped by os.waitpid (the floor)",
     "waitid": "AsyncProcess children, but found by a blocking waitid (their own floor)",
+    "wake": "AsyncProcess children, the loop woken by their sentinel (a pidfd) and nothing "
+    "else: the event loop's own floor, as `wake/LOOP`",
     "sync": "multiprocessing.Process, blocking join() in start order",
     "thread": "multiprocessing.Process + await asyncio.to_thread(p.join)",
     "poll": "multiprocessing.Process + is_alive() every 5 ms",
@@ -83,6 +85,8 @@ class Way:
     def label(self) -> str:
         if self.kind == "aioproc":
             return f"aioproc {self.watcher}/{self.backend}"
+        if self.kind == "wake":
+            return f"wake/{self.backend}"
         return self.kind
 
     def matches(self, term: str) -> bool:
@@ -285,6 +289,23 @@ class _AiomultiprocessChildren(Children):
         handle.aio_process.close()
 
 
+class _WakeChildren(_WaitidChildren):
+    """AsyncProcess children, each found by the loop waking on its sentinel.
+
+    The thinnest join an event loop can make (``anyio.wait_readable``, then
+    the status collected through the process's Popen): what ``aioproc``
+    adds is the difference.
+    """
+
+    is_async = True
+
+    async def join(self, handle: Any) -> int | None:
+        await anyio.wait_readable(handle.sentinel)
+        handle.is_alive()  # collects the exit status
+        code: int | None = handle.exitcode
+        return code
+
+
 class _AioprocChildren(Children):
     def start(self, target: Callable[..., Any], args: tuple[Any, ...]) -> aioproc.AsyncProcess:
         p = aioproc.AsyncProcess(target=target, args=args, context=self.start_method)
@@ -299,6 +320,7 @@ class _AioprocChildren(Children):
 _KINDS: dict[str, type[Children]] = {
     "raw": _RawChildren,
     "waitid": _WaitidChildren,
+    "wake": _WakeChildren,
     "sync": _SyncChildren,
     "thread": _ThreadChildren,
     "poll": _PollChildren,
