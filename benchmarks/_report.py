@@ -177,7 +177,7 @@ def _latency(section: dict[str, Any], *, show_cpu: bool) -> list[str]:
     title = (
         f"### 1. Join latency: {section['n']} children exiting in random order, "
         f"{section['rate']:.0f}/s (fork)"
-        + (f", in {section['rounds']} rounds of every way" if section.get("rounds", 1) > 1 else "")
+        + (f", {section['rounds']} rounds of each way" if section.get("rounds", 1) > 1 else "")
     )
     lines = [title, "", *table(headers, rows), "", *_footnote(section["runs"])]
     lines.append(

@@ -90,9 +90,8 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
 
     if chosen & {1, 4}:
         rounds = max(1, settings.latency_rounds)
-        per_round = max(1, settings.n // rounds)
         section: dict[str, Any] = {
-            "n": per_round * rounds,
+            "n": settings.n,
             "rate": settings.rate,
             "rounds": rounds,
             "runs": [],
@@ -100,9 +99,11 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
         results["latency"] = section
         ways = [way for way in settings.latency_ways() if usable(1, way)]
         for r in range(rounds):
-            delays = exit_schedule(per_round, settings.rate, rng)
+            delays = exit_schedule(settings.n, settings.rate, rng)
             title = "1 join latency" + (f" {r + 1}/{rounds}" if rounds > 1 else "")
-            for way in ways:
+            # Every other round in reverse order: a drift along the run (the
+            # process grows) falls on every way alike.
+            for way in ways if r % 2 == 0 else ways[::-1]:
                 steps.append(_batch_step(title, way, Batch(delays), section["runs"]))
 
     if 2 in chosen:
@@ -159,23 +160,6 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
         for backend in BACKENDS:
             if Way("aioproc", backend, None).unavailable("fork") is None:
                 steps.append(_idle_step(backend, settings.idle_seconds, section["idle"]))
-        delays = exit_schedule(settings.lag_n, settings.rate, rng)
-
-        def storm(progress: Progress) -> None:
-            gc.collect()
-            section["storm"]["asyncio"] = storm_lags("asyncio", delays, progress)
-
-        def storm_same(progress: Progress) -> None:
-            gc.collect()
-            section["storm_same"]["asyncio"] = storm_lags("asyncio", delays, progress, WAITID)
-
-        def storm_woken(progress: Progress) -> None:
-            gc.collect()
-            section["storm_woken"]["asyncio"] = storm_lags("asyncio", delays, progress, woken=True)
-
-        steps.append(Step("5 exits, no joins · asyncio", len(delays), storm))
-        steps.append(Step("5 AsyncProcess exits, no joins · asyncio", len(delays), storm_same))
-        steps.append(Step("5 exits that wake the loop · asyncio", len(delays), storm_woken))
         section["start_blocks"] = []
         for method in START_METHODS:
             if method not in multiprocessing.get_all_start_methods():
@@ -187,11 +171,24 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
                         method, payload, settings.start_blocks[method], section["start_blocks"]
                     )
                 )
-        for way in settings.lag_ways():
-            if usable(5, way):
-                steps.append(
+        floors: list[tuple[str, str, Way | None, bool]] = [
+            ("storm", "5 exits, no joins", None, False),
+            ("storm_same", "5 AsyncProcess exits, no joins", WAITID, False),
+            ("storm_woken", "5 exits that wake the loop", None, True),
+        ]
+        lag_ways = [way for way in settings.lag_ways() if usable(5, way)]
+        rounds = max(1, settings.latency_rounds)
+        for r in range(rounds):
+            delays = exit_schedule(settings.lag_n, settings.rate, rng)
+            lag_steps = [
+                *(_storm_step(floor, delays, section) for floor in floors),
+                *(
                     _batch_step("5 loop lag", way, Batch(delays, heartbeat=True), section["runs"])
-                )
+                    for way in lag_ways
+                ),
+            ]
+            # As in scenario 1: every other round in reverse order.
+            steps += lag_steps if r % 2 == 0 else lag_steps[::-1]
 
     if 6 in chosen:
         top = max(settings.scale)
@@ -265,6 +262,22 @@ def _batch_step(
         return record
 
     return Step(f"{title} · {way.label}", 2 * len(batch.delays), run)
+
+
+def _storm_step(
+    floor: tuple[str, str, Way | None, bool], delays: list[float], section: dict[str, Any]
+) -> Step:
+    """One round of a floor of scenario 5 (children exit with nothing joining them):
+    *floor* is its key in *section*, its label, whose children (``storm_lags``'s
+    *way*) and whether their exits wake the loop."""
+    key, label, way, woken = floor
+
+    def run(progress: Progress) -> None:
+        gc.collect()
+        lags = storm_lags("asyncio", delays, progress, way, woken=woken)
+        section[key].setdefault("asyncio", []).extend(lags)
+
+    return Step(f"{label} · asyncio", len(delays), run)
 
 
 def _merge_rounds(earlier: dict[str, Any], later: dict[str, Any]) -> None:

@@ -42,10 +42,10 @@ class Settings:
     #: Scenario 1: children, exits per second (scenarios 2 and 5 use the rate too).
     n: int = 1000
     rate: float = 500.0
-    #: Scenario 1: the children are split into this many rounds, each running
-    #: every way in turn, so that no way always runs first (when the process is
+    #: Scenario 1: rounds of every way, each of `n` children, every other one in
+    #: reverse order, so that no way always runs first (when the process is
     #: smallest: its children are the cheapest to fork and to end).
-    latency_rounds: int = 3
+    latency_rounds: int = 2
     #: Scenario 5: children joined while the heartbeat runs.
     lag_n: int = 500
     #: Scenario 2: long children (exit after long_seconds), then short ones at `rate`.
