@@ -72,6 +72,10 @@ def _bind_parent_side() -> None:
     _parent_side_bound = True
 
 
+#: In a child: the process objects that were current before its bootstrap.
+_former_current: list[object] = []
+
+
 def _exitcode_text(code: int) -> str:
     if code < 0:
         try:
@@ -538,6 +542,10 @@ class AsyncProcess(mp_process.BaseProcess):
             lead_own_group()
         _fds.close_inherited()  # forked from a parent that has children: their pipes
         reset_loop_state()
+        # The stdlib's bootstrap replaces the current process object and frees
+        # the parent's; kept, it is not freed, which in a fork child would
+        # write (copy) the pages of its dictionaries: 6 pages a child.
+        _former_current.append(mp_process._current_process)  # type: ignore[attr-defined]
         # A fresh context: no context variable of the parent's loop leaks in.
         bootstrap = super()._bootstrap  # type: ignore[misc]
         code: int = contextvars.Context().run(bootstrap, parent_sentinel)

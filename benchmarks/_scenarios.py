@@ -15,7 +15,7 @@ from typing import Any
 from . import _calls
 from ._peers import CallPeer
 from ._progress import Progress
-from ._runner import run_on
+from ._runner import Backend, run_on
 from ._scale import run_scale, run_scale_lean
 from ._settings import START_METHODS, Settings
 from ._startblock import measure as measure_start_blocks
@@ -171,12 +171,17 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
                         method, payload, settings.start_blocks[method], section["start_blocks"]
                     )
                 )
-        floors: list[tuple[str, str, Way | None, bool]] = [
-            ("storm", "5 exits, no joins", None, False),
-            ("storm_same", "5 AsyncProcess exits, no joins", WAITID, False),
-            ("storm_woken", "5 exits that wake the loop", None, True),
-        ]
         lag_ways = [way for way in settings.lag_ways() if usable(5, way)]
+        # The woken floor, which the target compares with, on every loop that
+        # an aioproc way runs on: each loop's timers resume differently.
+        woken_on: list[Backend] = [
+            b for b in BACKENDS if any(w.backend == b for w in lag_ways)
+        ] or ["asyncio"]
+        floors: list[tuple[str, str, Way | None, bool, Backend]] = [
+            ("storm", "5 exits, no joins", None, False, "asyncio"),
+            ("storm_same", "5 AsyncProcess exits, no joins", WAITID, False, "asyncio"),
+            *(("storm_woken", "5 exits that wake the loop", None, True, b) for b in woken_on),
+        ]
         rounds = max(1, settings.latency_rounds)
         for r in range(rounds):
             delays = exit_schedule(settings.lag_n, settings.rate, rng)
@@ -265,19 +270,21 @@ def _batch_step(
 
 
 def _storm_step(
-    floor: tuple[str, str, Way | None, bool], delays: list[float], section: dict[str, Any]
+    floor: tuple[str, str, Way | None, bool, Backend],
+    delays: list[float],
+    section: dict[str, Any],
 ) -> Step:
     """One round of a floor of scenario 5 (children exit with nothing joining them):
     *floor* is its key in *section*, its label, whose children (``storm_lags``'s
-    *way*) and whether their exits wake the loop."""
-    key, label, way, woken = floor
+    *way*), whether their exits wake the loop, and the loop."""
+    key, label, way, woken, backend = floor
 
     def run(progress: Progress) -> None:
         gc.collect()
-        lags = storm_lags("asyncio", delays, progress, way, woken=woken)
-        section[key].setdefault("asyncio", []).extend(lags)
+        lags = storm_lags(backend, delays, progress, way, woken=woken)
+        section[key].setdefault(backend, []).extend(lags)
 
-    return Step(f"{label} · asyncio", len(delays), run)
+    return Step(f"{label} · {backend}", len(delays), run)
 
 
 def _merge_rounds(earlier: dict[str, Any], later: dict[str, Any]) -> None:

@@ -57,7 +57,7 @@ class Settings:
         default_factory=lambda: {"fork": 200, "forkserver": 100, "spawn": 20}
     )
     batch: int = 50
-    repeat: int = 3
+    repeat: int = 5
     #: Scenario 5: seconds of heartbeat on an idle loop, per backend.
     idle_seconds: float = 0.3
     #: Scenario 5: starts timed per start method, with start() and start_async(),
@@ -121,7 +121,7 @@ class Settings:
 
     def throughput_ways(self, start_method: str) -> list[Way]:
         if start_method == "fork":
-            ways = [RAW, SYNC]
+            ways = [RAW, SYNC, *(Way("stdwake", backend) for backend in BACKENDS)]
             if self.matrix == "full":
                 ways += [THREAD, POLL]
             ways += [aioproc_way("pidfd", b) for b in BACKENDS]

@@ -53,7 +53,9 @@ from ._children import (
 from ._progress import Progress
 from ._runner import Backend, run_on
 
-Kind = Literal["raw", "waitid", "wake", "sync", "thread", "poll", "aiomultiprocess", "aioproc"]
+Kind = Literal[
+    "raw", "waitid", "wake", "stdwake", "sync", "thread", "poll", "aiomultiprocess", "aioproc"
+]
 T = TypeVar("T")
 
 BACKENDS: tuple[Backend, ...] = ("asyncio", "uvloop", "trio")
@@ -62,6 +64,8 @@ HOW: dict[str, str] = {
     "waitid": "AsyncProcess children, but found by a blocking waitid (their own floor)",
     "wake": "AsyncProcess children, the loop woken by their sentinel (a pidfd) and nothing "
     "else: the event loop's own floor, as `wake/LOOP`",
+    "stdwake": "multiprocessing.Process children, the loop woken by a pidfd of each and "
+    "nothing else: the thinnest join of stdlib children from an event loop, as `stdwake/LOOP`",
     "sync": "multiprocessing.Process, blocking join() in start order",
     "thread": "multiprocessing.Process + await asyncio.to_thread(p.join)",
     "poll": "multiprocessing.Process + is_alive() every 5 ms",
@@ -85,8 +89,8 @@ class Way:
     def label(self) -> str:
         if self.kind == "aioproc":
             return f"aioproc {self.watcher}/{self.backend}"
-        if self.kind == "wake":
-            return f"wake/{self.backend}"
+        if self.kind in ("wake", "stdwake"):
+            return f"{self.kind}/{self.backend}"
         return self.kind
 
     def matches(self, term: str) -> bool:
@@ -306,6 +310,33 @@ class _WakeChildren(_WaitidChildren):
         return code
 
 
+class _StdwakeChildren(Children):
+    """``multiprocessing.Process`` children, each found by the loop waking on a pidfd.
+
+    What any way of joining stdlib children from an event loop pays at the
+    least: a pidfd, ``anyio.wait_readable``, the status collected by
+    ``join()``, which no longer blocks.  A child that the stdlib's ``start()``
+    already reaped (it polls its live children) is not watched.
+    """
+
+    is_async = True
+
+    async def join(self, handle: Any) -> int | None:
+        if handle._popen.returncode is None:
+            try:
+                fd = os.pidfd_open(handle.pid)
+            except ProcessLookupError:  # reaped meanwhile
+                fd = -1
+            if fd >= 0:
+                try:
+                    await anyio.wait_readable(fd)
+                finally:
+                    os.close(fd)
+        handle.join()
+        code: int | None = handle.exitcode
+        return code
+
+
 class _AioprocChildren(Children):
     def start(self, target: Callable[..., Any], args: tuple[Any, ...]) -> aioproc.AsyncProcess:
         p = aioproc.AsyncProcess(target=target, args=args, context=self.start_method)
@@ -321,6 +352,7 @@ _KINDS: dict[str, type[Children]] = {
     "raw": _RawChildren,
     "waitid": _WaitidChildren,
     "wake": _WakeChildren,
+    "stdwake": _StdwakeChildren,
     "sync": _SyncChildren,
     "thread": _ThreadChildren,
     "poll": _PollChildren,
@@ -562,7 +594,10 @@ async def _async_batch(
 
     with anyio.fail_after(max(batch.delays) + 60):
         async with anyio.create_task_group() as helpers:
-            helpers.start_soon(_watch_threads, peak)
+            if not batch.heartbeat:
+                # (Not beside the heartbeat: reading /proc every 10 ms would
+                # delay it, and the lag floors run no such task.)
+                helpers.start_soon(_watch_threads, peak)
             async with anyio.create_task_group() as joins:
                 for i in range(got.n):
                     joins.start_soon(join, i)
