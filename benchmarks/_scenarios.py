@@ -149,6 +149,7 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
     if 5 in chosen:
         section = {
             "n": settings.lag_n,
+            "rounds": max(1, settings.lag_rounds),
             "heartbeat_seconds": 0.001,
             "idle": {},
             "storm": {},
@@ -172,17 +173,12 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
                     )
                 )
         lag_ways = [way for way in settings.lag_ways() if usable(5, way)]
-        # The woken floor, which the target compares with, on every loop that
-        # an aioproc way runs on: each loop's timers resume differently.
-        woken_on: list[Backend] = [
-            b for b in BACKENDS if any(w.backend == b for w in lag_ways)
-        ] or ["asyncio"]
         floors: list[tuple[str, str, Way | None, bool, Backend]] = [
             ("storm", "5 exits, no joins", None, False, "asyncio"),
             ("storm_same", "5 AsyncProcess exits, no joins", WAITID, False, "asyncio"),
-            *(("storm_woken", "5 exits that wake the loop", None, True, b) for b in woken_on),
+            ("storm_woken", "5 exits that wake the loop", None, True, "asyncio"),
         ]
-        rounds = max(1, settings.latency_rounds)
+        rounds = max(1, settings.lag_rounds)
         for r in range(rounds):
             delays = exit_schedule(settings.lag_n, settings.rate, rng)
             lag_steps = [

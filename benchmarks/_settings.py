@@ -46,15 +46,18 @@ class Settings:
     #: reverse order, so that no way always runs first (when the process is
     #: smallest: its children are the cheapest to fork and to end).
     latency_rounds: int = 2
-    #: Scenario 5: children joined while the heartbeat runs.
+    #: Scenario 5: children joined while the heartbeat runs, in `lag_rounds`
+    #: rounds of every way (as scenario 1's): the target is a p99, which
+    #: 2 rounds (about 1500 heartbeats a way) left 0.2-0.5 ms apart run to run.
     lag_n: int = 500
+    lag_rounds: int = 4
     #: Scenario 2: long children (exit after long_seconds), then short ones at `rate`.
     hol_long: int = 6
     hol_long_seconds: float = 1.5
     hol_short: int = 500
     #: Scenario 3: children per start method, started and joined `batch` at a time.
     throughput: dict[str, int] = field(
-        default_factory=lambda: {"fork": 200, "forkserver": 100, "spawn": 20}
+        default_factory=lambda: {"fork": 200, "forkserver": 100, "spawn": 40}
     )
     batch: int = 50
     repeat: int = 5
@@ -136,7 +139,12 @@ class Settings:
         return ways
 
     def lag_ways(self) -> list[Way]:
-        return [THREAD, POLL, *self._aioproc(all_watchers_on=())]
+        return [
+            *(Way("wake", backend) for backend in BACKENDS),
+            THREAD,
+            POLL,
+            *self._aioproc(all_watchers_on=()),
+        ]
 
     def peers(self) -> list[CallPeer]:
         if not self.call_peers:
@@ -165,6 +173,7 @@ def preset(name: str) -> Settings:
             n=20,
             latency_rounds=1,
             lag_n=20,
+            lag_rounds=1,
             hol_long=2,
             hol_long_seconds=0.2,
             hol_short=20,

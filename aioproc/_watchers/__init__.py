@@ -91,8 +91,11 @@ def choose(popen_class: type[AioprocPopen]) -> type[Watch]:
     forced = _forced if _forced is not _UNSET else get_watcher()
     if forced is not None:
         cls = WATCHERS[forced]  # type: ignore[index]
-        if cls is PidfdWatch and not pidfd.is_supported():
-            raise WatcherUnavailable(_NO_PIDFD)
+        if cls is PidfdWatch:
+            # Works wherever pidfds do: no Place (see below) for the default.
+            if not (pidfd.supported or pidfd.is_supported()):
+                raise WatcherUnavailable(_NO_PIDFD)
+            return cls
         reason = cls.unavailable(Place.here(popen_class))
         if reason is not None:
             raise WatcherUnavailable(f"the {forced} watcher cannot be used here: {reason}")
