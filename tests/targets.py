@@ -559,3 +559,31 @@ def _report_parent_death(conn: Connection) -> None:
     conn.send(("waiting", parent.pid))
     gone = multiprocessing.connection.wait([parent.sentinel], timeout=30)
     conn.send(("parent gone", bool(gone), parent.is_alive()))
+
+
+class AfterForkProbe:
+    """Registered by a test's parent with ``multiprocessing.util.register_after_fork``."""
+
+    hooked_in: int | None = None
+
+    def hook(self) -> None:
+        self.hooked_in = os.getpid()
+
+
+def parents_finalizer() -> None:
+    """A finalizer a test's parent registers (and cancels): it must not run in a child."""
+
+
+def send_after_fork_state(conn: Connection, probe: AfterForkProbe) -> None:
+    """Send whether the parent's after-fork hook ran on *probe* here, and the finalizers
+    registered here."""
+    conn.send(
+        {
+            "hooked here": probe.hooked_in == os.getpid(),
+            "finalizers": sorted(
+                getattr(f._callback, "__name__", "?")
+                for f in multiprocessing.util._finalizer_registry.values()  # type: ignore[attr-defined]
+            ),
+        }
+    )
+    conn.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import time
@@ -136,3 +137,44 @@ def test_a_process_forked_by_user_code_can_use_aioproc(tmp_path: Path) -> None:
             assert anyio.run(p.join) == -signal.SIGKILL
             p.close()
     assert report.read_text() == "5", report.read_text().splitlines()[-1]
+
+
+async def _after_fork_state(context: str, probe: targets.AfterForkProbe, *, stdlib: bool) -> object:
+    ours, theirs = multiprocessing.Pipe()
+    args = (theirs, probe)
+    if stdlib:
+        q = multiprocessing.get_context(context).Process(  # type: ignore[attr-defined]
+            target=targets.send_after_fork_state, args=args
+        )
+        q.start()
+        theirs.close()
+        state = await handshake(ours)
+        await anyio.to_thread.run_sync(q.join, DEADLINE)
+        assert q.exitcode == 0
+        q.close()
+    else:
+        p = AsyncProcess(target=targets.send_after_fork_state, args=args, context=context)
+        p.start()
+        theirs.close()
+        state = await handshake(ours)
+        assert await p.join(DEADLINE) == 0
+        p.close()
+    ours.close()
+    return state
+
+
+@pytest.mark.parametrize("context", ["fork", "forkserver", "spawn"])
+async def test_after_fork_hooks_run_and_the_parents_finalizers_do_not(context: str) -> None:
+    """``multiprocessing.util.register_after_fork`` hooks run in the child and the
+    parent's finalizers are forgotten there, as in a stdlib child of the same parent."""
+    probe = targets.AfterForkProbe()
+    multiprocessing.util.register_after_fork(probe, targets.AfterForkProbe.hook)
+    finalizer = multiprocessing.util.Finalize(probe, targets.parents_finalizer, exitpriority=10)
+    try:
+        ours = await _after_fork_state(context, probe, stdlib=False)
+        theirs = await _after_fork_state(context, probe, stdlib=True)
+    finally:
+        finalizer.cancel()
+    assert ours == theirs
+    if context == "fork":
+        assert ours == {"hooked here": True, "finalizers": []}
