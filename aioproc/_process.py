@@ -10,6 +10,7 @@ import multiprocessing.process as mp_process
 import multiprocessing.util as mp_util
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 
@@ -552,15 +553,17 @@ class AsyncProcess(mp_process.BaseProcess):
         code: int = contextvars.Context().run(bootstrap, parent_sentinel)
         return code
 
-    @staticmethod
-    def _after_fork() -> None:
-        # What the stdlib's bootstrap calls to forget the parent's finalizers
-        # and run the after-fork hooks; the hooks only if there are any:
-        # iterating the empty registry (a weak dictionary: a guard object, a
-        # sort, two generators) writes pages that every fork child then copies.
-        mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
-        if len(mp_util._afterfork_registry):  # type: ignore[attr-defined]
-            mp_util._run_after_forkers()  # type: ignore[attr-defined]
+    if sys.version_info < (3, 14):  # the versions whose _after_fork does just this
+
+        @staticmethod
+        def _after_fork() -> None:
+            # What the stdlib's bootstrap calls to forget the parent's finalizers
+            # and run the after-fork hooks; the hooks only if there are any:
+            # iterating the empty registry (a weak dictionary: a guard object, a
+            # sort, two generators) writes pages that every fork child copies.
+            mp_util._finalizer_registry.clear()  # type: ignore[attr-defined]
+            if len(mp_util._afterfork_registry):  # type: ignore[attr-defined]
+                mp_util._run_after_forkers()  # type: ignore[attr-defined]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
