@@ -370,6 +370,30 @@ class _Waiter:
             await self._event.wait()
 
 
+_ctrl_c_protected = False
+
+
+def _protect_tasks_from_ctrl_c() -> None:
+    """Under trio: no KeyboardInterrupt is raised inside the pool's own tasks.
+
+    trio raises the KeyboardInterrupt of a Ctrl-C in whatever unprotected code
+    is running when it arrives: in a worker's watcher task, that task would
+    end without marking the worker exited, and stopping the worker would wait
+    out the grace period and the kill wait, then warn that it is unkillable
+    (and the interrupt would come out of the pool wrapped in an exception
+    group).  Protected, trio delivers it to the main task instead.
+    """
+    global _ctrl_c_protected
+    if _ctrl_c_protected:
+        return
+    import trio  # noqa: PLC0415 - only under trio
+
+    # trio >= 0.28 records the code object and returns the function itself;
+    # before, it returns a wrapper, which must take its place.
+    Pool._task = trio.lowlevel.enable_ki_protection(Pool._task)  # type: ignore[method-assign]
+    _ctrl_c_protected = True
+
+
 class Pool:
     """Worker processes, reused across calls, that keep every promise of ``aioproc.run``.
 
@@ -468,6 +492,8 @@ class Pool:
         self._token = anyio.lowlevel.current_token()
         # On asyncio the running loop tells the same, for a twentieth of the cost.
         self._loop = _asyncio_loop()
+        if self._loop is None:
+            _protect_tasks_from_ctrl_c()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -606,7 +632,11 @@ class Pool:
         return w
 
     async def _task(self, func: Callable[..., Any], *args: Any) -> None:
-        """Run a task of the pool's group, counted so that closing knows when all ended."""
+        """Run a task of the pool's group, counted so that closing knows when all ended.
+
+        Under trio it is protected from KeyboardInterrupt (see
+        ``_protect_tasks_from_ctrl_c``), and so is every task started through it.
+        """
         self._tasks += 1
         try:
             await func(*args)
@@ -1080,7 +1110,7 @@ class Pool:
                             state.room.release()
                             state.fail(exc)
                             break
-                        tg.start_soon(one, index, item)
+                        tg.start_soon(self._task, one, index, item)
                         index += 1
             finally:
                 state.finish()
