@@ -249,6 +249,7 @@ def _lag(section: dict[str, Any], throughput: dict[str, Any] | None) -> list[str
         ("storm", "{} loop, bare forks exit unjoined"),
         ("storm_same", "{} loop, AsyncProcess children exit unjoined"),
         ("storm_woken", "{} loop woken by each exit, nothing joined"),
+        ("storm_same_woken", "{} loop woken by each AsyncProcess exit, nothing joined"),
     )
     for key, label in floors:
         for backend, lags in section.get(key, {}).items():
@@ -268,7 +269,7 @@ def _lag(section: dict[str, Any], throughput: dict[str, Any] | None) -> list[str
         "Idle: the loop's own timer precision. Children exit unjoined: the same exits, "
         "nothing joining them; the loop loses a core to each exiting child, which is the "
         "floor for every way of joining (AsyncProcess children cost the machine more to "
-        "end than bare forks). Woken by each exit: bare forks that write a byte to a pipe "
+        "end than bare forks). Woken by each exit: children that write a byte to a pipe "
         "the loop reads as they end; being woken at all makes the heartbeat later, because "
         "epoll_wait's timeout is whole milliseconds (a wait cut short resumes rounded up): "
         "the floor for any way of joining in an event loop. wake/LOOP: the same "

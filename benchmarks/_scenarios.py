@@ -155,6 +155,7 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
             "storm": {},
             "storm_same": {},
             "storm_woken": {},
+            "storm_same_woken": {},
             "runs": [],
         }
         results["lag"] = section
@@ -177,6 +178,7 @@ def plan(settings: Settings, results: dict[str, Any], skipped: list[dict[str, st
             ("storm", "5 exits, no joins", None, False, "asyncio"),
             ("storm_same", "5 AsyncProcess exits, no joins", WAITID, False, "asyncio"),
             ("storm_woken", "5 exits that wake the loop", None, True, "asyncio"),
+            ("storm_same_woken", "5 AsyncProcess exits, woken", WAITID, True, "asyncio"),
         ]
         rounds = max(1, settings.lag_rounds)
         for r in range(rounds):
