@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from ._child import Child
     from ._popen import AioprocPopen
+    from ._reset import Entry
     from ._start import Around
     from ._usage import ResourceUsage
     from ._watchers import Watch, WatcherName
@@ -142,6 +143,9 @@ class AsyncProcess(mp_process.BaseProcess):
     #: imports popen_fork and popen_forkserver in every child, which cost
     #: forkserver start+join throughput 6-10%.
     _parent_pidfd_at: int | None = None
+    #: Set by the fork Popen just before forking: the parent's loop state that
+    #: the child drops (``_reset.loop_entries``).
+    _loop_entries: tuple[Entry, ...] | None = None
 
     if TYPE_CHECKING:  # BaseProcess's private attributes, which typeshed leaves out
         _popen: AioprocPopen | None
@@ -543,7 +547,7 @@ class AsyncProcess(mp_process.BaseProcess):
         if self._new_process_group:
             lead_own_group()
         _fds.close_inherited()  # forked from a parent that has children: their pipes
-        reset_loop_state()
+        reset_loop_state(self._loop_entries)
         # The stdlib's bootstrap replaces the current process object and frees
         # the parent's; kept, it is not freed, which in a fork child would
         # write (copy) the pages of its dictionaries: 6 pages a child.

@@ -370,7 +370,13 @@ def _scale(section: dict[str, Any]) -> list[str]:
         f"Each aioproc child costs the parent {section['parent_fds_per_child']:.2f} fds and "
         f"{section['parent_rss_per_child'] / 1024:.1f} KiB of RSS; the machine "
         f"{section['mem_available_per_child'] / 2**20:.2f} MiB of MemAvailable "
-        "(page tables and kernel stacks included; noisy when others run).",
+        "(page tables and kernel stacks included; noisy when others run)"
+        + (
+            f"; {section['mem_available_at_top'] / 2**30:.1f} GiB of memory was still "
+            "available with all of them alive."
+            if section.get("mem_available_at_top")
+            else "."
+        ),
     ]
     if section.get("stopped_by"):
         lines.append(f"Stopped early: {section['stopped_by']}.")

@@ -46,7 +46,9 @@ if TYPE_CHECKING:
 _MEMORY_SAMPLE = 20
 #: The ramp stops while the machine still has this much memory available
 #: (other people's work runs here too: the OOM killer must stay asleep).
-_MEMORY_FLOOR = 0.15
+#: A tenth is 2.3 GiB on a 24 GiB machine, many times what the kernel keeps
+#: free for itself (``vm.min_free_kbytes``, tens of MiB).
+_MEMORY_FLOOR = 0.10
 
 
 #: The three ways a checkpoint starts a child.
@@ -75,6 +77,8 @@ class ScaleResult:
     parent_fds_per_child: float = 0.0
     parent_rss_per_child: float = 0.0
     mem_available_per_child: float = 0.0
+    #: MemAvailable with every child of the ramp alive (at the last checkpoint).
+    mem_available_at_top: int = 0
     ramp_seconds: float = 0.0
     join_seconds: float = 0.0
     #: Which process ramped up: "this" (the benchmark's) or "lean" (one that only ramps).
@@ -271,6 +275,7 @@ async def _scale(
     finally:
         result.ramp_seconds = time.perf_counter() - began
         result.reached = live()
+        result.mem_available_at_top = mem_available_bytes()
         if pool:
             result.watcher = pool[0].watcher
         # Children of the same age (started together at the checkpoints): a

@@ -587,3 +587,33 @@ def send_after_fork_state(conn: Connection, probe: AfterForkProbe) -> None:
         }
     )
     conn.close()
+
+
+def send_loop_state(conn: Connection) -> None:
+    """Send what this child can see of an event loop, from plain synchronous code."""
+    import asyncio
+
+    import anyio.from_thread
+    import sniffio
+    import trio
+
+    seen: dict[str, object] = {}
+    try:
+        seen["sniffio"] = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        seen["sniffio"] = None
+    # The policy's loop (what get_event_loop() would hand out), without making one.
+    local = asyncio.get_event_loop_policy()._local  # type: ignore[attr-defined]
+    seen["policy loop"] = local.__dict__.get("_loop")
+    try:
+        seen["trio task"] = repr(trio.lowlevel.current_task())
+    except RuntimeError:
+        seen["trio task"] = None
+    try:
+        anyio.from_thread.check_cancelled()  # needs a worker thread's token
+    except RuntimeError:
+        seen["anyio token"] = None
+    else:
+        seen["anyio token"] = "the parent's"
+    conn.send({key: None if value is None else repr(value) for key, value in seen.items()})
+    conn.close()

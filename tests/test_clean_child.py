@@ -178,3 +178,23 @@ async def test_after_fork_hooks_run_and_the_parents_finalizers_do_not(context: s
     assert ours == theirs
     if context == "fork":
         assert ours == {"hooked here": True, "finalizers": []}
+
+
+@pytest.mark.parametrize("where", ["loop thread", "worker thread"])
+async def test_a_fork_child_of_a_running_loop_sees_no_loop(where: str) -> None:
+    """From the loop's own thread, or from one of anyio's worker threads (which
+    carry the loop's token): the child finds no library, no policy loop, no trio
+    task and no token of the parent's."""
+    recv, send = multiprocessing.Pipe(duplex=False)
+    p = AsyncProcess(target=targets.send_loop_state, args=(send,), context="fork")
+    if where == "loop thread":
+        p.start()
+    else:
+        await anyio.to_thread.run_sync(p.start)
+    send.close()
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == 0
+    assert recv.poll(0), "the child sent nothing"
+    seen = recv.recv()
+    recv.close()
+    assert seen == {"sniffio": None, "policy loop": None, "trio task": None, "anyio token": None}
