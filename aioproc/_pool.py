@@ -286,6 +286,10 @@ def _reader_for(fd: int, loop: asyncio.AbstractEventLoop | None) -> _Reader:
     return _Reader(fd)
 
 
+class _Unsent(Exception):
+    """The call's request could not reach its worker (dead while idle): nothing ran."""
+
+
 class _Worker:
     __slots__ = (
         "busy",
@@ -294,6 +298,7 @@ class _Worker:
         "exitcode",
         "exited",
         "idle_since",
+        "idle_wake",
         "pid",
         "proc",
         "reader",
@@ -305,6 +310,7 @@ class _Worker:
         "retiring",
         "scope",
         "stopped_by_pool",
+        "unsent",
         "usage",
         "watch_scope",
     )
@@ -329,6 +335,11 @@ class _Worker:
         self.idle_since = 0.0
         self.retiring = False
         self.stopped_by_pool = False
+        #: A request could not be written: the worker had died, idle.
+        self.unsent = False
+        #: While it is busy, its watcher waits without a timer; the call that
+        #: releases it cancels this so that the idle timer starts.
+        self.idle_wake: anyio.CancelScope | None = None
         self.scope: anyio.CancelScope | None = None
         self.exited = anyio.Event()
         self.exitcode: int | None = None
@@ -658,8 +669,22 @@ class Pool:
         code: int | None = None
         delay = 0.01
         while True:
+            wait: float | None = None
+            if idle_timeout is not None and not w.retiring:
+                if w in self._idle:
+                    wait = w.idle_since + idle_timeout - anyio.current_time()
+                    if wait <= 0:
+                        self._idle.remove(w)
+                        self._retire(w)
+                        wait = None
+                else:  # busy: no timer (no wake-ups) until a call releases it
+                    w.idle_wake = anyio.CancelScope()
             try:
-                code = await proc.join(idle_timeout)
+                if w.idle_wake is not None:
+                    with w.idle_wake:
+                        code = await proc.join()
+                else:
+                    code = await proc.join(wait)
             except ExitStatusLost:
                 break  # reaped by someone else: the call running on it says so
             except Exception:
@@ -670,15 +695,10 @@ class Pool:
                 await anyio.sleep(delay)
                 delay = min(2 * delay, 1.0)
                 continue
+            finally:
+                w.idle_wake = None
             if code is not None:
                 break
-            if (
-                idle_timeout is not None
-                and w in self._idle
-                and anyio.current_time() - w.idle_since >= idle_timeout
-            ):
-                self._idle.remove(w)
-                self._retire(w)
         w.exitcode = code
         with contextlib.suppress(Exception):
             w.usage = proc.resource_usage
@@ -770,6 +790,8 @@ class Pool:
         else:
             w.idle_since = anyio.current_time()
             self._idle.append(w)
+            if w.idle_wake is not None:
+                w.idle_wake.cancel()  # its watcher starts the idle timer
         self._check_quiet()
 
     def _check_quiet(self) -> None:
@@ -841,13 +863,10 @@ class Pool:
         await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: send nothing
         self._busy += 1
         try:
-            w = await self._acquire()
-        except BaseException:
-            self._busy -= 1
-            self._check_quiet()
-            raise
-        try:
-            return await self._call(w, func, parts, timeout)
+            while True:
+                w = await self._acquire()
+                with contextlib.suppress(_Unsent):
+                    return await self._call(w, func, parts, timeout)
         finally:
             self._busy -= 1
             self._check_quiet()
@@ -907,6 +926,10 @@ class Pool:
                     self._hello(w, hello, func)
                 inc.read_some(w.res_fd, math.inf)
         self._forget(w)
+        if w.unsent and hello is None and not w.stopped_by_pool:
+            # An idle worker had died (killed from outside): the request never
+            # reached it, so nothing ran, and the call goes to another worker.
+            raise _Unsent
         if w.stopped_by_pool:
             raise PoolClosed(
                 f"the pool closed (its `async with` block ended by an exception or a "
@@ -952,6 +975,7 @@ class Pool:
             else:
                 await _wire.send(w.req_fd, parts)
         except BrokenPipeError:
+            w.unsent = True
             await w.exited.wait()  # it died; its exit says the rest
             return
         if hello is not None:

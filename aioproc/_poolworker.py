@@ -197,7 +197,7 @@ def worker_main(
     if initializer is not None:
         try:
             initializer(*initargs)
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit() too: the calls say why
             meta, body, buffers = _wire.exception_outcome(exc)
             end_leftovers(subreaper)
             _wire.write_blocking(wfd, _wire.frame(("init-failed", meta), body, buffers))

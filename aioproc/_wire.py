@@ -559,7 +559,9 @@ def outcome_of(
     """Call the function; return the outcome's meta, body and buffers."""
     try:
         value = func(*args)
-    except Exception as exc:
+    except (SystemExit, KeyboardInterrupt):
+        raise  # the child ends, as a multiprocessing child would: ProcessDied
+    except BaseException as exc:  # any other type comes back as itself
         return exception_outcome(exc)
     try:
         body, buffers = dumps(value)
@@ -584,7 +586,9 @@ def rebuilt_exception(
     """The child's exception, or a RemoteError standing in for it; the traceback as cause."""
     rebuilt: object = None
     if body:
-        with contextlib.suppress(Exception):
+        # SystemExit too: a reconstructor that calls sys.exit() must not end the
+        # parent.  Not KeyboardInterrupt: that one is the user's Ctrl-C.
+        with contextlib.suppress(Exception, SystemExit):
             rebuilt = loads(body, buffers)
     exc = rebuilt if isinstance(rebuilt, BaseException) else RemoteError(name, message, text)
     exc.__cause__ = RemoteTraceback(text, usage)
@@ -606,7 +610,7 @@ def result_of(
     if kind == "value":
         try:
             return loads(body, inc.objects)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # as in rebuilt_exception
             raise pickle.UnpicklingError(
                 f"the result of {describe(func)} (an object of type {name}) came "
                 f"back from process {pid} but cannot be unpickled here "
