@@ -489,3 +489,16 @@ class Tracer:
 
     def release(self) -> None:
         self.proc.communicate(timeout=DEADLINE)  # closes its stdin: it lets go and exits
+
+
+def stopped_by_sigterm(head: str, grace: float = 1.0) -> set[str]:
+    """The messages of a timeout whose child ended by SIGTERM, after *head*.
+
+    On a loaded machine its exit may be seen only after the grace period: then
+    SIGKILL was sent too (to no effect), and the message says so.
+    """
+    return {
+        f"{head}it was sent SIGTERM and reaped (exit code -15)",
+        f"{head}it was sent SIGTERM, then SIGKILL after the {grace:g} s grace period, and "
+        "reaped (exit code -15)",
+    }

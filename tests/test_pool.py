@@ -40,6 +40,7 @@ from .helpers import (
     fork_server_and_helpers,
     open_fds,
     pid_exists,
+    stopped_by_sigterm,
     warmed_up,
 )
 
@@ -439,9 +440,9 @@ async def test_timeout_stops_only_that_worker(context: str, tmp_path: Path) -> N
             assert isinstance(err, ProcessTimeout)
             assert isinstance(err, TimeoutError)
             assert (err.pid, err.exitcode) == (pid, -signal.SIGTERM)
-            assert str(err) == (
+            assert str(err) in stopped_by_sigterm(
                 f"pool worker {pid} running grandchild_ready_then_sleep() did not finish "
-                "within 1 s; it was sent SIGTERM and reaped (exit code -15)"
+                "within 1 s; "
             )
             assert reaped(pid)
             assert exited_soon(grandchild)  # its group was stopped with it
