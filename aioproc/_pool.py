@@ -660,10 +660,24 @@ class Pool:
         """Join the worker; retire it when idle too long; clean up after it."""
         proc = w.proc
         idle_timeout = self._idle_timeout or None  # 0: retired at once by _release
-        with w.watch_scope:
-            await self._join(w, proc, idle_timeout)
-        if w.watch_scope.cancelled_caught:
-            return  # a straggler, adopted by run's machinery
+        try:
+            with w.watch_scope:
+                await self._join(w, proc, idle_timeout)
+        except anyio.get_cancelled_exc_class():
+            # Only a cancellation from outside anyio gets through the shield:
+            # asyncio's runner cancelling every task as it shuts down (a second
+            # Ctrl-C).  The calls and the pool's closing wait for this watch to
+            # see the worker exit: kill it and see that, bounded, before ending.
+            if not w.exited.is_set():
+                with contextlib.suppress(Exception):
+                    proc.kill()
+                code = None
+                with contextlib.suppress(Exception):
+                    code = await proc.join(_run._KILL_WAIT)
+                if code is not None:
+                    self._exited(w, proc, code)
+            raise
+        # (cancelled_caught: a straggler, adopted by run's machinery)
 
     async def _join(self, w: _Worker, proc: AsyncProcess, idle_timeout: float | None) -> None:
         code: int | None = None
@@ -699,6 +713,10 @@ class Pool:
                 w.idle_wake = None
             if code is not None:
                 break
+        self._exited(w, proc, code)
+
+    def _exited(self, w: _Worker, proc: AsyncProcess, code: int | None) -> None:
+        """The worker has exited (*code*; None: someone else reaped it)."""
         w.exitcode = code
         with contextlib.suppress(Exception):
             w.usage = proc.resource_usage

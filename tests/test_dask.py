@@ -377,7 +377,7 @@ async def test_misuse_is_a_clear_error(dask_cluster: Cluster) -> None:
     with pytest.raises(ValueError, match="retries"):
         DaskPool(retries=-1)
     pool = DaskPool(dask_cluster.address)
-    with pytest.raises(RuntimeError, match="enter it first"):
+    with pytest.raises(aioproc.PoolClosed, match="enter it first"):  # as Pool's
         await pool.run(targets.square, 1)
     async with pool:
         with pytest.raises(ValueError, match="timeout"):
@@ -405,7 +405,7 @@ async def test_misuse_is_a_clear_error(dask_cluster: Cluster) -> None:
         assert len(errors) == 1
         assert isinstance(errors[0], RuntimeError)
         assert "belongs to the event loop" in str(errors[0])
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(aioproc.PoolClosed, match="closed"):
         await pool.run(targets.square, 1)
 
 

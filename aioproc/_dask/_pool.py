@@ -54,7 +54,7 @@ import anyio
 import anyio.lowlevel
 import cloudpickle
 
-from .._exceptions import ProcessTimeout, RemoteError, RemoteTraceback
+from .._exceptions import PoolClosed, ProcessTimeout, RemoteError, RemoteTraceback
 from . import _worker
 from ._bridge import ClientLoop, Handle
 from ._child import PickledCall
@@ -329,10 +329,10 @@ class DaskPool:
     def _check_open(self) -> ClientLoop:
         if self._state != "open" or self._loop is None:
             if self._state == "new":
-                raise RuntimeError(
+                raise PoolClosed(
                     "a DaskPool is used inside `async with DaskPool(...) as pool:`; enter it first"
                 )
-            raise RuntimeError(f"this DaskPool is {self._state}; create a new one ({self!r})")
+            raise PoolClosed(f"this DaskPool is {self._state}; create a new one ({self!r})")
         if not self._loop.is_home():
             raise RuntimeError(
                 "a DaskPool belongs to the event loop that entered it; use it from that loop"
@@ -460,7 +460,7 @@ class DaskPool:
     ) -> Any:
         client = self._client
         if client is None:
-            raise RuntimeError("this DaskPool is closing; the call was not made")
+            raise PoolClosed("this DaskPool is closing; the call was not made")
         key = f"aioproc-{name}-{uuid.uuid4().hex}"
         lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._workers[address].calls[key] = lost
