@@ -54,10 +54,10 @@ def test_a_second_ctrl_c_while_a_pool_stops_its_worker_is_prompt_and_warns_nothi
                 [
                     sys.executable,
                     "-m",
-                    "tests.scripts.ctrl_c_twice_pool",
+                    "tests.scripts.ctrl_c_twice",
                     backend,
-                    "fork",
                     str(GRACE),
+                    "pool",
                 ],
                 cwd=REPO,
                 stdout=subprocess.PIPE,

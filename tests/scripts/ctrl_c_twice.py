@@ -1,7 +1,8 @@
 """A program whose ``aioproc.run`` is interrupted by Ctrl-C, and again while it stops.
 
-Run as ``python -m tests.scripts.ctrl_c_twice BACKEND GRACE`` from the
-repository's root by ``tests/test_exit.py``.  The child of ``run`` ignores
+Run as ``python -m tests.scripts.ctrl_c_twice BACKEND GRACE [pool]`` from the
+repository's root by ``tests/test_exit.py`` (with ``pool``: the call is a
+``Pool``'s, by ``tests/test_contract_edges_more.py``).  The child of ``run`` ignores
 SIGTERM (it says ``sigterm`` when one arrives), so stopping it takes the whole
 grace period, and it would otherwise sleep 600 s.  It prints ``child PID``
 once it runs.  The test sends SIGINT to this program once, waits for
@@ -41,11 +42,17 @@ async def main(grace: float) -> None:
     await aioproc.run(stubborn, grace=grace, context="fork")
 
 
+async def main_pool(grace: float) -> None:
+    async with aioproc.Pool(1, context="fork", grace=grace) as pool:
+        await pool.run(os.getpid)  # the worker is up before the call says "child"
+        await pool.run(stubborn)
+
+
 if __name__ == "__main__":
     backend, grace = sys.argv[1], float(sys.argv[2])
     options = {"loop_factory": uvloop.new_event_loop} if backend == "uvloop" else {}
     anyio.run(
-        functools.partial(main, grace),
+        functools.partial(main_pool if sys.argv[3:] == ["pool"] else main, grace),
         backend="trio" if backend == "trio" else "asyncio",
         backend_options=options,
     )
