@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.process as mp_process
@@ -14,7 +13,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 
-from . import _fds
 from ._checks import (
     check_die_with_parent,
     check_flag,
@@ -22,7 +20,6 @@ from ._checks import (
     resolve_context,
     start_method_of,
 )
-from ._reset import reset_loop_state
 from ._tree import (
     arm_lifeline,
     expected_parent,
@@ -36,6 +33,7 @@ from ._tree import (
 # import (mypy reads any TYPE_CHECKING as true).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import contextvars
     from multiprocessing.process import BaseProcess
     from typing import Any
 
@@ -72,7 +70,35 @@ def _bind_parent_side() -> None:
 
     _launch, _Child, _choose, _ensure_registered = launch, Child, choose, ensure_registered
     _POPEN_CLASSES, _unwatchable = POPEN_CLASSES, unwatchable
+    if not _clean_start_bound:
+        _bind_clean_start()
     _parent_side_bound = True
+
+
+# What a forked child (fork, forkserver) needs to start clean, bound wherever
+# children are forked: on import (so a fork server that preloads aioproc spares
+# its children the imports), and by _bind_parent_side.  A spawn child is a new
+# interpreter with nothing to clean: until it starts children itself, it does
+# without them and their imports (1% of its start-up).
+_clean_start_bound = False
+_close_inherited: Callable[[], None]
+_reset_loop_state: Callable[[tuple[Entry, ...] | None], None]
+_Context: type[contextvars.Context]
+
+
+def _bind_clean_start() -> None:
+    global _clean_start_bound, _close_inherited, _reset_loop_state, _Context
+    from contextvars import Context
+
+    from ._fds import close_inherited
+    from ._reset import reset_loop_state
+
+    _close_inherited, _reset_loop_state, _Context = close_inherited, reset_loop_state, Context
+    _clean_start_bound = True
+
+
+if "--multiprocessing-fork" not in sys.orig_argv:  # spawn's mark on a child's command line
+    _bind_clean_start()
 
 
 #: In a child: the process objects that were current before its bootstrap.
@@ -546,15 +572,18 @@ class AsyncProcess(mp_process.BaseProcess):
             arm_lifeline(self._lifeline_parent, self._lifeline_thread)
         if self._new_process_group:
             lead_own_group()
-        _fds.close_inherited()  # forked from a parent that has children: their pipes
-        reset_loop_state(self._loop_entries)
         # The stdlib's bootstrap replaces the current process object and frees
         # the parent's; kept, it is not freed, which in a fork child would
         # write (copy) the pages of its dictionaries: 6 pages a child.
         _former_current.append(mp_process._current_process)  # type: ignore[attr-defined]
-        # A fresh context: no context variable of the parent's loop leaks in.
         bootstrap = super()._bootstrap  # type: ignore[misc]
-        code: int = contextvars.Context().run(bootstrap, parent_sentinel)
+        if _clean_start_bound:
+            _close_inherited()  # forked from a parent that has children: their pipes
+            _reset_loop_state(self._loop_entries)
+            # A fresh context: no context variable of the parent's loop leaks in.
+            code: int = _Context().run(bootstrap, parent_sentinel)
+        else:  # a spawn child: a new interpreter, its context empty
+            code = bootstrap(parent_sentinel)
         return code
 
     if sys.version_info < (3, 14):  # the versions whose _after_fork does just this

@@ -8,8 +8,9 @@ the child: a web server's SIGTERM handler would make ``terminate()`` a no-op,
 a loop's SIGINT handler would swallow Ctrl-C.  A fresh interpreter (what exec
 gives a spawn child) has none of them: each handler goes back to its default
 (SIGINT to ``KeyboardInterrupt``), while a signal the parent ignores stays
-ignored, as exec keeps it.  This runs first thing in every AsyncProcess child
-(a spawn or forkserver child has nothing to reset, so it costs nothing there).
+ignored, as exec keeps it.  This runs first thing in every forked AsyncProcess
+child (fork, forkserver).  A spawn child is a new interpreter with none of this
+state: it neither runs nor imports this module (see ``_process``).
 """
 
 from __future__ import annotations
