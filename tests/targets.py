@@ -617,3 +617,32 @@ def send_loop_state(conn: Connection) -> None:
         seen["anyio token"] = "the parent's"
     conn.send({key: None if value is None else repr(value) for key, value in seen.items()})
     conn.close()
+
+
+def send_loaded(conn: Connection, names: list[str]) -> None:
+    """Send which of the modules *names* this process has imported."""
+    conn.send(sorted(set(names) & sys.modules.keys()))
+    conn.close()
+
+
+def _a_handler(signum: int, frame: object) -> None:
+    pass
+
+
+def send_dispositions_of_a_fork_child(conn: Connection, signums: list[int]) -> None:
+    """Handle *signums* here, then start a fork child that sends its dispositions."""
+    import asyncio
+
+    from aioproc import AsyncProcess
+
+    for signum in signums:
+        signal.signal(signum, _a_handler)
+
+    async def start_and_join() -> int | None:
+        p = AsyncProcess(target=send_dispositions, args=(conn, signums), context="fork")
+        p.start()
+        code = await p.join()
+        p.close()
+        return code
+
+    sys.exit(asyncio.run(start_and_join()))
