@@ -402,6 +402,12 @@ class Child:
 
     def close(self) -> None:
         """Release everything; the child must have exited and been collected (or lost)."""
+        if os.getpid() != self._parent_pid:
+            # A forked copy: the numbers may name this process's own files by now.
+            self.pidfd = self._given_sentinel = -1
+            self._fds, self._watch = (), None
+            self.popen.close()  # its closers check their owner too
+            return
         with self._lock:
             joiners = self._joiners
         if joiners is not None and joiners.count:

@@ -553,7 +553,9 @@ def _run_forked_child(
             import atexit  # noqa: PLC0415
 
             atexit._run_exitfuncs()
-        os._exit(code)
+        # The low byte, as exit(3) keeps it: sys.exit(2**40) must not make
+        # os._exit raise OverflowError and the child run on in the parent's code.
+        os._exit(code & 0xFF)
 
 
 def _write_blocking(fd: int, data: memoryview) -> None:

@@ -98,17 +98,36 @@ class _Hub:
 
 
 _hubs: dict[EventLoopToken, _Hub] = {}
-#: The handler ours replaced, chained to and put back.
+#: The handler ours chains to: the one it replaced, or one that replaced ours
+#: and that ours went back on top of (``_still_installed``).
 _previous_handler: Any = None
+#: The program's handler that ours first replaced: where a handler that chains
+#: back to ours goes on to, and what ours chains to once uninstalled (a handler
+#: installed over ours may still call it).
+_original_handler: Any = None
+#: Uninstalled while a handler installed over ours was on top: that one may
+#: still call ours, which then goes on to ``_original_handler``.
+_chained_below = False
 _our_wakeup_fd = -1
-_in_handler = False
+#: 0 outside the handler, 1 inside, 2 inside a chain that came back to it.
+_in_handler = 0
 
 
 def _on_sigchld(signum: int, frame: Any) -> None:
     global _in_handler
-    if _in_handler:  # a handler that chains back to us
+    if _in_handler:
+        # A handler that chains back to ours (ours went back on top of it):
+        # on to the program's own, once.
+        if _in_handler == 1:
+            original = _original_handler
+            if callable(original) and original is not _previous_handler:
+                _in_handler = 2
+                try:
+                    original(signum, frame)
+                finally:
+                    _in_handler = 1
         return
-    _in_handler = True
+    _in_handler = 1
     try:
         for hub in list(_hubs.values()):
             hub.wakeups += 1
@@ -120,7 +139,7 @@ def _on_sigchld(signum: int, frame: Any) -> None:
         if callable(previous):
             previous(signum, frame)
     finally:
-        _in_handler = False
+        _in_handler = 0
 
 
 def ignored() -> bool:
@@ -129,27 +148,35 @@ def ignored() -> bool:
 
 
 def _install() -> None:
-    global _previous_handler
+    global _previous_handler, _original_handler
     _previous_handler = signal.signal(signal.SIGCHLD, _on_sigchld)
+    if not _chained_below:
+        _original_handler = _previous_handler
 
 
 def _still_installed() -> bool:
     """Put our handler back on top if someone replaced it; False if they did."""
+    global _previous_handler
     if signal.getsignal(signal.SIGCHLD) is _on_sigchld:
         return True
     if not ignored():
-        _install()
+        _previous_handler = signal.signal(signal.SIGCHLD, _on_sigchld)
     return False
 
 
 def _uninstall() -> None:
-    global _previous_handler, _our_wakeup_fd
+    global _previous_handler, _our_wakeup_fd, _chained_below
     if signal.getsignal(signal.SIGCHLD) is _on_sigchld:
         signal.signal(
             signal.SIGCHLD,
             _previous_handler if _previous_handler is not None else signal.SIG_DFL,
         )
-    _previous_handler = None
+        # Put back what ours chained to; if that was one installed over ours, it
+        # may still call ours, which goes on to the program's own.
+        _chained_below = _previous_handler is not _original_handler
+    else:
+        _chained_below = True
+    _previous_handler = _original_handler
     if _our_wakeup_fd >= 0:
         current = signal.set_wakeup_fd(-1)
         if current not in (-1, _our_wakeup_fd):
@@ -176,12 +203,15 @@ def _drop_hub(hub: _Hub) -> None:
         return  # dropped already
     del _hubs[hub.token]
     if hub.wfd == _our_wakeup_fd:
-        signal.set_wakeup_fd(-1)
+        current = signal.set_wakeup_fd(-1)
         _our_wakeup_fd = -1
-        for other in _hubs.values():  # another asyncio loop still watches
-            if other.asyncio:
-                _wake_ups_to(other)
-                break
+        if current not in (-1, hub.wfd):
+            _restore_wakeup_fd(current)  # the loop's own since (add_signal_handler): keep it
+        else:
+            for other in _hubs.values():  # another asyncio loop still watches
+                if other.asyncio:
+                    _wake_ups_to(other)
+                    break
     if not _hubs:
         _uninstall()
     hub.close()
