@@ -883,8 +883,10 @@ class Pool:
         try:
             while True:
                 w = await self._acquire()
-                with contextlib.suppress(_Unsent):
+                try:  # (no context manager: this is every call's path)
                     return await self._call(w, func, parts, timeout)
+                except _Unsent:
+                    continue  # the worker had died idle: another one
         finally:
             self._busy -= 1
             self._check_quiet()
