@@ -55,7 +55,6 @@ from multiprocessing.context import set_spawning_popen
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import _fds
-from ._reset import loop_entries
 from ._usage import ResourceUsage
 
 if TYPE_CHECKING:
@@ -425,7 +424,6 @@ class ForkPopen(_ReapedHere):
     inherits_memory: ClassVar[bool] = True
 
     def _launch(self, process_obj: BaseProcess) -> None:
-        process_obj._loop_entries = loop_entries()  # type: ignore[attr-defined]
         if _pidfds_here():
             process_obj._parent_by_pidfd = True  # type: ignore[attr-defined]
             self.pid = os.fork()

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
     from ._child import Child
     from ._popen import AioprocPopen
-    from ._reset import Entry
     from ._start import Around
     from ._usage import ResourceUsage
     from ._watchers import Watch, WatcherName
@@ -82,7 +81,7 @@ def _bind_parent_side() -> None:
 # without them and their imports (1% of its start-up).
 _clean_start_bound = False
 _close_inherited: Callable[[], None]
-_reset_loop_state: Callable[[tuple[Entry, ...] | None], None]
+_reset_loop_state: Callable[[], None]
 _Context: type[contextvars.Context]
 
 
@@ -169,9 +168,6 @@ class AsyncProcess(mp_process.BaseProcess):
     #: imports popen_fork and popen_forkserver in every child, which cost
     #: forkserver start+join throughput 6-10%.
     _parent_pidfd_at: int | None = None
-    #: Set by the fork Popen just before forking: the parent's loop state that
-    #: the child drops (``_reset.loop_entries``).
-    _loop_entries: tuple[Entry, ...] | None = None
 
     if TYPE_CHECKING:  # BaseProcess's private attributes, which typeshed leaves out
         _popen: AioprocPopen | None
@@ -579,7 +575,7 @@ class AsyncProcess(mp_process.BaseProcess):
         bootstrap = super()._bootstrap  # type: ignore[misc]
         if _clean_start_bound:
             _close_inherited()  # forked from a parent that has children: their pipes
-            _reset_loop_state(self._loop_entries)
+            _reset_loop_state()
             # A fresh context: no context variable of the parent's loop leaks in.
             code: int = _Context().run(bootstrap, parent_sentinel)
         else:  # a spawn child: a new interpreter, its context empty
