@@ -27,6 +27,7 @@ async def serve(daemonic: bool, workers: int) -> None:
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # not 8787: see DaskPool
             host="127.0.0.1",
             asynchronous=True,
         ) as cluster:

@@ -337,6 +337,8 @@ async def test_daemonic_workers_are_refused_with_the_fix() -> None:
 
 
 def test_dask_pool_none_starts_and_stops_its_own_local_cluster() -> None:
+    """Two at once too, warnings as errors: the second cluster's scheduler found
+    port 8787 taken, warned, and so failed to start."""
     script = (
         "import anyio, os\n"
         "from aioproc.dask import DaskPool\n"
@@ -345,19 +347,23 @@ def test_dask_pool_none_starts_and_stops_its_own_local_cluster() -> None:
         "    async with DaskPool(workers=1) as pool:\n"
         "        worker, child = await pool.run(where)\n"
         "        print(worker != os.getpid(), child != worker)\n"
+        "async def two():\n"
+        "    async with DaskPool(workers=1) as a, DaskPool(workers=1) as b:\n"
+        "        print(await a.run(abs, -1) + await b.run(abs, -2) == 3)\n"
         "if __name__ == '__main__':\n"
         "    for backend in ('asyncio', 'trio'):\n"
         "        anyio.run(main, backend=backend)\n"
+        "    anyio.run(two)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-W", "error", "-c", script],
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
         timeout=100,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "True", "True", "True"]
+    assert out.stdout.split() == ["True"] * 5
 
 
 def test_import_aioproc_does_not_import_dask() -> None:

@@ -286,6 +286,10 @@ class DaskPool:
                 host="127.0.0.1",
                 processes=True,
                 dashboard_address=None,
+                # No dashboard, but the scheduler still serves /health and
+                # /metrics: on a free loopback port, not 8787 (taken by another
+                # cluster, that is a warning, and an error under -W error).
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 asynchronous=True,
                 **kwargs,
             )
