@@ -81,7 +81,7 @@ import os
 import sys
 import warnings
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
@@ -1079,7 +1079,7 @@ class Pool:
     def map(
         self,
         func: Callable[[Any], T],
-        iterable: Iterable[Any],
+        iterable: Iterable[Any] | AsyncIterable[Any],
         *,
         timeout: float | None = None,
         ordered: bool = True,
@@ -1087,23 +1087,31 @@ class Pool:
         """``func(item)`` for every item, as an async iterator of the results.
 
         At most twice ``workers`` calls are in flight or waiting to be consumed,
-        so *iterable* may be endless.  *ordered* (default): results in the
-        order of the items; else as they come.  *timeout* applies to each call
-        as in ``run``.  The first call that fails stops the others (their
-        workers are stopped) and its exception is raised; leaving the loop
-        early (``break``, an exception, closing the iterator) stops them too.
+        so *iterable* (or async iterable, as ``DaskPool.map`` takes) may be
+        endless.  *ordered* (default): results in the order of the items; else
+        as they come.  *timeout* applies to each call as in ``run``.  The first
+        call that fails stops the others (their workers are stopped) and its
+        exception is raised; leaving the loop early (``break``, an exception,
+        closing the iterator) stops them too.  An iterable that raises ends the
+        map as a ``for`` loop over it would: the results of the items it gave
+        come first, then its exception.
         """
         _wire.check_call(func, {}, "Pool.map")
         self._check_open()
         timeout = check_timeout(timeout)
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be True or False, not {type(ordered).__name__}")
-        try:
-            items = iter(iterable)
-        except TypeError:
-            raise TypeError(
-                f"iterable must be an iterable, not {type(iterable).__name__}"
-            ) from None
+        items: Iterator[Any] | AsyncIterator[Any]
+        if isinstance(iterable, AsyncIterable):
+            items = aiter(iterable)
+        else:
+            try:
+                items = iter(iterable)
+            except TypeError:
+                raise TypeError(
+                    f"iterable must be an iterable or an async iterable, not "
+                    f"{type(iterable).__name__}"
+                ) from None
         return self._map(func, items, timeout, ordered)
 
     async def _map(
@@ -1131,13 +1139,26 @@ class Pool:
         items: Any,
         limit: float | None,
     ) -> None:
+        cancelled = anyio.get_cancelled_exc_class()
+
         async def one(index: int, item: object) -> None:
             try:
                 value = await self.run(func, item, timeout=limit)
-            except Exception as exc:
+            except (cancelled, KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # the function's, whatever its type
                 state.fail(exc)
             else:
                 state.put(index, value)
+
+        async def next_item() -> object:
+            """The next item; _END once there is none."""
+            if isinstance(items, AsyncIterator):
+                try:
+                    return await items.__anext__()
+                except StopAsyncIteration:
+                    return _END
+            return next(items, _END)
 
         with state.scope:
             try:
@@ -1146,13 +1167,13 @@ class Pool:
                     while True:
                         await state.room.acquire()
                         try:
-                            item = next(items)
-                        except StopIteration:
-                            state.room.release()
-                            break
+                            item = await next_item()
                         except Exception as exc:
                             state.room.release()
-                            state.fail(exc)
+                            state.end_error = exc  # after the results of what it gave
+                            break
+                        if item is _END:
+                            state.room.release()
                             break
                         tg.start_soon(self._task, one, index, item)
                         index += 1
@@ -1173,6 +1194,8 @@ class _MapState(Generic[T]):
         self.results: dict[int, T] = {}  # ordered: by index
         self.arrived: deque[T] = deque()  # unordered: as they come
         self.error: BaseException | None = None
+        #: The iterable's exception: raised where the results end.
+        self.end_error: BaseException | None = None
         self.done = False
         self.next_index = 0
         self._changed = anyio.Event()
@@ -1208,6 +1231,9 @@ class _MapState(Generic[T]):
                 self.room.release()
                 return value
             if self.done and not self.results:
+                if self.end_error is not None:
+                    error, self.end_error = self.end_error, None
+                    raise error
                 return _END  # type: ignore[no-any-return]
             self._changed = anyio.Event()
             await self._changed.wait()

@@ -786,7 +786,9 @@ async def test_bad_calls() -> None:
             await pool.run(targets.greet, "x", punctuation="!")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="timeout must be a real number"):
             await pool.run(targets.noop, timeout="1")  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="iterable must be an iterable, not int"):
+        with pytest.raises(
+            TypeError, match="iterable must be an iterable or an async iterable, not int"
+        ):
             pool.map(same, 3)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="ordered must be True or False"):
             pool.map(same, [], ordered=None)  # type: ignore[arg-type]
