@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -452,11 +453,32 @@ def either_pool(request: pytest.FixtureRequest, dask_cluster: Cluster) -> Any:
     return DaskPool(dask_cluster.address)
 
 
+def _two_then_key_error() -> Iterator[int]:
+    yield 1
+    yield 2
+    raise KeyError("the iterable's")
+
+
+async def _one_two_three() -> AsyncIterator[int]:
+    for i in (1, 2, 3):
+        yield i
+
+
+async def _collect(results: AsyncIterator[Any], into: list[Any]) -> None:
+    async for value in results:
+        into.append(value)
+
+
 @FORK_THREAD_WARNING
 async def test_both_pools_keep_the_same_contract(either_pool: Any, tmp_path: Path) -> None:
     async with either_pool as pool:
         assert await pool.run(targets.square, 5) == 25
         assert [x async for x in pool.map(targets.square, [1, 2, 3])] == [1, 4, 9]
+        assert [x async for x in pool.map(targets.square, _one_two_three())] == [1, 4, 9]
+        got: list[int] = []  # an iterable that raises: what it gave first, as a for loop
+        with pytest.raises(KeyError, match="the iterable's"):
+            await _collect(pool.map(targets.square, _two_then_key_error()), got)
+        assert got == [1, 4]
         with pytest.raises(targets.Refused) as refused:
             await pool.run(targets.refuse, 1)
         assert isinstance(refused.value.__cause__, aioproc.RemoteTraceback)

@@ -697,6 +697,7 @@ class _Map(Generic[U, T]):
         self._finished: collections.deque[Handle[Any]] = collections.deque()
         self._wake = anyio.Event()
         self._exhausted = False
+        self._end_error: Exception | None = None
         self._closed = False
 
     def __aiter__(self) -> _Map[U, T]:
@@ -709,6 +710,10 @@ class _Map(Generic[U, T]):
             return True, next(cast(Iterator[U], self._iter))
         except (StopIteration, StopAsyncIteration):
             self._exhausted = True
+            return False, None
+        except Exception as exc:  # raised where the results end, as a for loop would
+            self._exhausted = True
+            self._end_error = exc
             return False, None
 
     async def _fill(self) -> None:
@@ -748,6 +753,9 @@ class _Map(Generic[U, T]):
             await self.aclose()
             raise
         self._closed = True
+        error, self._end_error = self._end_error, None
+        if error is not None:
+            raise error
         raise StopAsyncIteration
 
     async def _take(self, handle: Handle[Any]) -> Any:
