@@ -41,7 +41,9 @@ def _seconds(value: object, what: str, *, none_ok: bool) -> float:
     return seconds
 
 
-def check_timeout(timeout: object, what: str = "timeout") -> float | None:
+def check_timeout(
+    timeout: object, what: str = "timeout", meaning: str = "0 polls, None waits forever"
+) -> float | None:
     """The timeout as a float, None for "forever"; or a clear error.
 
     Any real number is accepted (int, float, Fraction, numpy scalars); one too
@@ -51,7 +53,7 @@ def check_timeout(timeout: object, what: str = "timeout") -> float | None:
         return None
     seconds = _seconds(timeout, what, none_ok=True)
     if seconds < 0:
-        raise ValueError(f"{what} must be >= 0 (0 polls, None waits forever), got {timeout!r}")
+        raise ValueError(f"{what} must be >= 0 ({meaning}), got {timeout!r}")
     return None if seconds >= _FOREVER else seconds
 
 

@@ -441,7 +441,9 @@ class Pool:
             if max_tasks_per_worker is None
             else _positive_int("max_tasks_per_worker", max_tasks_per_worker)
         )
-        self._idle_timeout = check_timeout(idle_timeout)
+        self._idle_timeout = check_timeout(
+            idle_timeout, "idle_timeout", "0: a worker exits once idle, None: never"
+        )
         if initializer is not None and not callable(initializer):
             raise TypeError(
                 f"initializer must be a callable or None, not {type(initializer).__name__}"

@@ -756,7 +756,11 @@ def test_unpicklable_initializer_is_refused_at_once() -> None:
         (lambda: aioproc.Pool(True), TypeError, "workers must be an int"),
         (lambda: aioproc.Pool("2"), TypeError, "workers must be an int"),  # type: ignore[arg-type]
         (lambda: aioproc.Pool(1, max_tasks_per_worker=0), ValueError, "max_tasks_per_worker"),
-        (lambda: aioproc.Pool(1, idle_timeout=-1), ValueError, "timeout must be >= 0"),
+        (
+            lambda: aioproc.Pool(1, idle_timeout=-1),
+            ValueError,
+            r"idle_timeout must be >= 0 \(0: a worker exits once idle",
+        ),
         (lambda: aioproc.Pool(1, grace=-1), ValueError, "grace must be a finite"),
         (lambda: aioproc.Pool(1, context="nope"), ValueError, "unknown start method"),
         (lambda: aioproc.Pool(1, initializer=3), TypeError, "initializer must be a callable"),  # type: ignore[arg-type]
