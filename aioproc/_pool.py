@@ -679,7 +679,8 @@ class Pool:
                 if code is not None:
                     self._exited(w, proc, code)
             raise
-        # (cancelled_caught: a straggler, adopted by run's machinery)
+        # Here too when the pool cancelled the watch scope itself: a worker
+        # it gave up on (a straggler), adopted by run's machinery.
 
     async def _join(self, w: _Worker, proc: AsyncProcess, idle_timeout: float | None) -> None:
         code: int | None = None
