@@ -426,7 +426,7 @@ class ForkPopen(_ReapedHere):
     def _launch(self, process_obj: BaseProcess) -> None:
         if _pidfds_here():
             process_obj._parent_by_pidfd = True  # type: ignore[attr-defined]
-            self.pid = os.fork()
+            self.pid = _fork_with_sigint_blocked(process_obj)
             if self.pid == 0:
                 _run_forked_child(process_obj, (), None)
             self._take_pidfd()
@@ -437,7 +437,7 @@ class ForkPopen(_ReapedHere):
             opened += (parent_r, child_w)
             child_r, parent_w = os.pipe()
             opened += (child_r, parent_w)
-            self.pid = os.fork()
+            self.pid = _fork_with_sigint_blocked(process_obj)
         except BaseException:
             for fd in opened:
                 os.close(fd)
@@ -452,6 +452,31 @@ class ForkPopen(_ReapedHere):
             (parent_r, parent_w),
         )
         self.sentinel = parent_r
+
+
+_SIGINT = {signal.SIGINT}
+
+
+def _fork_with_sigint_blocked(process_obj: BaseProcess) -> int:
+    """``os.fork()`` with SIGINT blocked in this thread around it.
+
+    CPython drops the signals pending in a forked child before its first
+    bytecode: a SIGINT sent right after ``start()`` (``interrupt()``, a Ctrl-C)
+    was lost.  Blocked, it stays pending; the child unblocks it once its
+    handlers are its own (``AsyncProcess._bootstrap``).  One meant for this
+    process meanwhile is delivered when the mask is restored.
+    """
+    unblock = signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, _SIGINT)
+    process_obj._unblock_sigint = unblock  # type: ignore[attr-defined]
+    try:
+        pid = os.fork()
+    except BaseException:
+        if unblock:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT)
+        raise
+    if pid and unblock:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT)
+    return pid
 
 
 def unwatchable(exc: OSError) -> OSError:

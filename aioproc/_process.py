@@ -161,6 +161,9 @@ class AsyncProcess(mp_process.BaseProcess):
     #: Set by the Popen: the child watches its parent through a pidfd of its own,
     #: not through an inherited pipe (one descriptor per child in the parent).
     _parent_by_pidfd = False
+    #: Set by the fork Popen: SIGINT was blocked for the fork, and the child
+    #: unblocks it once its handlers are reset.
+    _unblock_sigint = False
     #: Set by the forkserver Popen: where a pidfd of the parent, sent with the
     #: request, is among the descriptors the fork server passes on
     #: (``forkserver.get_inherited_fds()``); the child watches it instead of
@@ -576,6 +579,8 @@ class AsyncProcess(mp_process.BaseProcess):
         if _clean_start_bound:
             _close_inherited()  # forked from a parent that has children: their pipes
             _reset_loop_state()
+            if self._unblock_sigint:  # blocked around the fork: see _popen
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT,))
             # A fresh context: no context variable of the parent's loop leaks in.
             code: int = _Context().run(bootstrap, parent_sentinel)
         else:  # a spawn child: a new interpreter, its context empty

@@ -59,17 +59,26 @@ def launch(process_obj: BaseProcess, method: str) -> AioprocPopen:
     # Not `with explained()`: a generator-based context manager is five more
     # Python calls a start, and after a fork every page touched is copied.
     try:
-        try:
+        if cls is not ForkServerPopen:
             return cls(process_obj)
+        # Only the request to the fork server is tried again if the server died;
+        # the child's data is sent after: a child that dies reading it is one
+        # failed start, not a dead server (started twice, 5 s later).
+        try:
+            popen = cls(process_obj, deferred=True)
         except (ConnectionError, EOFError):
-            if cls is not ForkServerPopen:
-                raise
-        _wait_until_fork_server_exited()
-        try:
-            return cls(process_obj)
-        except EOFError as exc:
             _wait_until_fork_server_exited()
-            raise fork_server_died() from exc
+            try:
+                popen = cls(process_obj, deferred=True)
+            except EOFError as exc:
+                _wait_until_fork_server_exited()
+                raise fork_server_died() from exc
+        try:
+            popen.finish()
+        except BaseException:
+            popen.abandon()
+            raise
+        return popen
     except OSError as exc:
         error = start_error(exc)
         if error is exc:
@@ -87,27 +96,28 @@ async def launch_async(process_obj: BaseProcess, method: str, around: Around) ->
     cls = POPEN_CLASSES[method]
     with explained():
         try:
-            return await _once(cls, process_obj, around)
+            popen = _create(cls, process_obj, around)
         except (ConnectionError, EOFError):
             if cls is not ForkServerPopen:
                 raise
-        await _until_fork_server_exited()
-        try:
-            return await _once(cls, process_obj, around)
-        except EOFError as exc:
             await _until_fork_server_exited()
-            raise fork_server_died() from exc
+            try:
+                popen = _create(cls, process_obj, around)
+            except EOFError as exc:
+                await _until_fork_server_exited()
+                raise fork_server_died() from exc
+        # Not tried again (see launch): a child that dies reading its data.
+        try:
+            await popen.finish_async()
+        except BaseException:
+            popen.abandon()  # a KeyboardInterrupt too: nothing is left behind
+            raise
+        return popen
 
 
-async def _once(cls: type[AioprocPopen], process_obj: BaseProcess, around: Around) -> AioprocPopen:
+def _create(cls: type[AioprocPopen], process_obj: BaseProcess, around: Around) -> AioprocPopen:
     with around():
-        popen = cls(process_obj, deferred=True)
-    try:
-        await popen.finish_async()
-    except BaseException:
-        popen.abandon()  # a KeyboardInterrupt too: nothing is left behind
-        raise
-    return popen
+        return cls(process_obj, deferred=True)
 
 
 def fork_server_died() -> RuntimeError:
