@@ -143,6 +143,11 @@ _closers: set[_Closer] = set()
 class _AioprocPopen(popen_fork.Popen):
     """What every start method's Popen provides here (see the module docstring)."""
 
+    @property
+    def server_forked(self) -> bool:
+        """Whether a fork server has reported the child (only forkserver has one)."""
+        return False
+
     #: Whether this process reaps the child (its SIGCHLD reaches us, wait4 works).
     reaped_here: ClassVar[bool] = True
     #: The parent makes the child's process group too (the classic double setpgid).
@@ -737,6 +742,11 @@ class ForkServerPopen(_AioprocPopen, popen_forkserver.Popen):
         "any of its children lives (each holds the pipe that keeps it alive)"
     )
     _pid_read = False
+
+    @property
+    def server_forked(self) -> bool:
+        """Whether the fork server has reported the child: it exists (or existed)."""
+        return self._pid_read
 
     def _launch(self, process_obj: BaseProcess) -> None:
         self._fds = []

@@ -61,24 +61,20 @@ def launch(process_obj: BaseProcess, method: str) -> AioprocPopen:
     try:
         if cls is not ForkServerPopen:
             return cls(process_obj)
-        # Only the request to the fork server is tried again if the server died;
-        # the child's data is sent after: a child that dies reading it is one
-        # failed start, not a dead server (started twice, 5 s later).
+        popen: AioprocPopen | None = None
         try:
             popen = cls(process_obj, deferred=True)
-        except (ConnectionError, EOFError):
-            _wait_until_fork_server_exited()
-            try:
-                popen = cls(process_obj, deferred=True)
-            except EOFError as exc:
-                _wait_until_fork_server_exited()
-                raise fork_server_died() from exc
-        try:
             popen.finish()
-        except BaseException:
-            popen.abandon()
-            raise
-        return popen
+            return popen
+        except (ConnectionError, EOFError):
+            if popen is not None and popen.server_forked:
+                raise  # the child died reading its data: one failed start, no retry
+        _wait_until_fork_server_exited()
+        try:
+            return cls(process_obj)
+        except EOFError as exc:
+            _wait_until_fork_server_exited()
+            raise fork_server_died() from exc
     except OSError as exc:
         error = start_error(exc)
         if error is exc:
@@ -95,29 +91,36 @@ async def launch_async(process_obj: BaseProcess, method: str, around: Around) ->
     """
     cls = POPEN_CLASSES[method]
     with explained():
+        made: list[AioprocPopen] = []
         try:
-            popen = _create(cls, process_obj, around)
+            return await _once(cls, process_obj, around, made)
         except (ConnectionError, EOFError):
-            if cls is not ForkServerPopen:
-                raise
-            await _until_fork_server_exited()
-            try:
-                popen = _create(cls, process_obj, around)
-            except EOFError as exc:
-                await _until_fork_server_exited()
-                raise fork_server_died() from exc
-        # Not tried again (see launch): a child that dies reading its data.
+            if cls is not ForkServerPopen or (made and made[0].server_forked):
+                raise  # the child died reading its data: one failed start, no retry
+        await _until_fork_server_exited()
         try:
-            await popen.finish_async()
-        except BaseException:
-            popen.abandon()  # a KeyboardInterrupt too: nothing is left behind
-            raise
-        return popen
+            return await _once(cls, process_obj, around)
+        except EOFError as exc:
+            await _until_fork_server_exited()
+            raise fork_server_died() from exc
 
 
-def _create(cls: type[AioprocPopen], process_obj: BaseProcess, around: Around) -> AioprocPopen:
+async def _once(
+    cls: type[AioprocPopen],
+    process_obj: BaseProcess,
+    around: Around,
+    made: list[AioprocPopen] | None = None,
+) -> AioprocPopen:
     with around():
-        return cls(process_obj, deferred=True)
+        popen = cls(process_obj, deferred=True)
+    if made is not None:
+        made.append(popen)
+    try:
+        await popen.finish_async()
+    except BaseException:
+        popen.abandon()  # a KeyboardInterrupt too: nothing is left behind
+        raise
+    return popen
 
 
 def fork_server_died() -> RuntimeError:
