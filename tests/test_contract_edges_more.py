@@ -1,18 +1,14 @@
 """Edges of SPEC §1, §6, §7 and §8 that a second hostile review probed.
 
-A second Ctrl-C while a Pool stops its worker (it was broken; DaskPool's
-PoolClosed, the other finding, is tested in test_dask.py), and what held up: a
-status lost to someone else, seen first by any call; close() between an exit
-and a waiting join.
+Its two findings are tested where they belong: a second Ctrl-C while a Pool
+stops its worker in test_exit.py, DaskPool's PoolClosed in test_dask.py.  What
+held up: a status lost to someone else, seen first by any call; close() between
+an exit and a waiting join.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import anyio
@@ -22,81 +18,11 @@ import aioproc
 from aioproc import AsyncProcess
 
 from . import targets
-from .helpers import DEADLINE, handshake, open_fds, reaping_orphans, state_of
-from .test_exit import read_line
+from .helpers import DEADLINE, handshake, open_fds
 
 REPO = Path(__file__).resolve().parent.parent
 GRACE = 1.0
 ROUNDS = 3  # the bug showed in about 2 of 3 rounds under asyncio and uvloop
-
-
-# -- 1. A second Ctrl-C while a Pool stops its busy worker --------------------------
-
-
-@pytest.mark.timeout(ROUNDS * 40)
-@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
-def test_a_second_ctrl_c_while_a_pool_stops_its_worker_is_prompt_and_warns_nothing(
-    backend: str,
-) -> None:
-    """SPEC §8 "a second Ctrl-C while children are being stopped"; README: a worker
-    is called unkillable only if it is "still alive after SIGKILL".
-
-    The worker ignores SIGTERM and dies at once on SIGKILL.  After the second
-    Ctrl-C the program must end about ``grace`` after the first one, with no
-    UnkillableProcessWarning (aioproc.run does: 3.1 s with grace 3 on every backend).
-    Observed under asyncio/uvloop in most rounds: it waits the full 5 s KILL_WAIT
-    after the SIGKILL and warns "pool worker N is still alive 5 s after SIGKILL"
-    about a worker that was long dead.
-    """
-    for round_ in range(ROUNDS):
-        with reaping_orphans():
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.scripts.ctrl_c_twice",
-                    backend,
-                    str(GRACE),
-                    "pool",
-                ],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            child = 0
-            try:
-                said, _, pid = read_line(proc).partition(" ")
-                assert said == "child", said
-                child = int(pid)
-                proc.send_signal(signal.SIGINT)
-                assert read_line(proc) == "sigterm"  # the pool is stopping the worker
-                proc.send_signal(signal.SIGINT)
-                start = time.monotonic()
-                proc.wait(30)
-                took = time.monotonic() - start
-                assert proc.stderr is not None
-                err = proc.stderr.read()
-                assert state_of(child) in (None, "Z")
-                assert "UnkillableProcessWarning" not in err, (
-                    f"round {round_}: a worker dead at SIGKILL was reported unkillable "
-                    f"after {took:.1f} s:\n{err[-600:]}"
-                )
-                # A hang guard with room for a loaded machine: the bug waited out
-                # the 5 s after SIGKILL on top of the grace period.
-                assert took < GRACE + 4, f"round {round_}: exit took {took:.1f} s"
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                if child:
-                    try:
-                        os.kill(child, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                for stream in (proc.stdout, proc.stderr):
-                    if stream is not None:
-                        stream.close()
 
 
 # -- probes that held up ------------------------------------------------------------

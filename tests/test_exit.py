@@ -50,49 +50,62 @@ def read_line(proc: subprocess.Popen[str], deadline: float = DEADLINE) -> str:
     return proc.stdout.readline().strip()
 
 
+@pytest.mark.parametrize("what", ["run", "pool"])
 @pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
-def test_a_second_ctrl_c_while_run_stops_its_child_does_not_hang_the_exit(backend: str) -> None:
+def test_a_second_ctrl_c_while_children_are_stopped_ends_the_program_in_time(
+    backend: str, what: str
+) -> None:
+    """``run``'s child, or a Pool's busy worker, ignores SIGTERM; a second Ctrl-C
+    comes while it is being stopped.  The program ends after the grace period,
+    and nothing is called unkillable (under asyncio a Pool waited 5 s more and
+    did so, in about 2 rounds of 3: hence 3 rounds for the Pool)."""
     bound = GRACE + KILL_WAIT + 10
-    with reaping_orphans():
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.scripts.ctrl_c_twice", backend, str(GRACE)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        child = 0
-        try:
-            said, _, pid = read_line(proc).partition(" ")
-            assert said == "child", said
-            child = int(pid)
-            proc.send_signal(signal.SIGINT)
-            assert read_line(proc) == "sigterm"  # run is stopping it: the grace period runs
-            proc.send_signal(signal.SIGINT)
-            start = time.monotonic()
+    for round_ in range(3 if what == "pool" else 1):
+        with reaping_orphans():
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.scripts.ctrl_c_twice", backend, str(GRACE)]
+                + (["pool"] if what == "pool" else []),
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            child = 0
             try:
-                proc.wait(bound)
-            except subprocess.TimeoutExpired:
-                pytest.fail(
-                    f"the program was still running {bound:g} s after the second Ctrl-C "
-                    f"(grace {GRACE:g} s + kill wait {KILL_WAIT:g} s + 10 s)"
-                )
-            took = time.monotonic() - start
-            assert state_of(child) in (None, "Z"), f"the child (pid {child}) outlived the program"
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if child:
+                said, _, pid = read_line(proc).partition(" ")
+                assert said == "child", said
+                child = int(pid)
+                proc.send_signal(signal.SIGINT)
+                assert read_line(proc) == "sigterm"  # being stopped: the grace period runs
+                proc.send_signal(signal.SIGINT)
+                start = time.monotonic()
                 try:
-                    os.kill(child, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            assert proc.stdout is not None
-            assert proc.stderr is not None
-            proc.stdout.close()
-            proc.stderr.close()
-    assert took < bound
+                    proc.wait(bound)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(
+                        f"the program was still running {bound:g} s after the second Ctrl-C "
+                        f"(grace {GRACE:g} s + kill wait {KILL_WAIT:g} s + 10 s)"
+                    )
+                took = time.monotonic() - start
+                assert proc.stderr is not None
+                err = proc.stderr.read()
+                assert state_of(child) in (None, "Z"), f"the child (pid {child}) outlived it"
+                assert "UnkillableProcessWarning" not in err, f"round {round_}:\n{err[-600:]}"
+                # Room for a loaded machine: the bug waited 5 s more than the grace.
+                assert took < GRACE + 4, f"round {round_}: the program ended after {took:.1f} s"
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                if child:
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                assert proc.stdout is not None
+                assert proc.stderr is not None
+                proc.stdout.close()
+                proc.stderr.close()
 
 
 # -- moved here: interpreter exit, with daemons, with a parent killed, with a stuck child

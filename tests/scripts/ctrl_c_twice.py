@@ -2,7 +2,7 @@
 
 Run as ``python -m tests.scripts.ctrl_c_twice BACKEND GRACE [pool]`` from the
 repository's root by ``tests/test_exit.py`` (with ``pool``: the call is a
-``Pool``'s, by ``tests/test_contract_edges_more.py``).  The child of ``run`` ignores
+``Pool``'s).  The child of ``run`` ignores
 SIGTERM (it says ``sigterm`` when one arrives), so stopping it takes the whole
 grace period, and it would otherwise sleep 600 s.  It prints ``child PID``
 once it runs.  The test sends SIGINT to this program once, waits for
