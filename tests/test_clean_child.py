@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import anyio
 import pytest
@@ -50,19 +51,23 @@ def servers_handlers() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-@pytest.mark.usefixtures("servers_handlers")
-async def test_a_fork_child_starts_with_default_dispositions() -> None:
+async def _sent_by(target: Any, arg: object, context: str = "fork") -> Any:
+    """What a child running ``target(conn, arg)`` sends, once it has exited with 0."""
     ours, theirs = multiprocessing.Pipe()
-    p = AsyncProcess(
-        target=targets.send_dispositions, args=(theirs, [int(s) for s in HANDLED]), context="fork"
-    )
+    p = AsyncProcess(target=target, args=(theirs, arg), context=context)
     p.start()
     theirs.close()
-    dispositions = await handshake(ours)
+    sent = await handshake(ours)
     with anyio.fail_after(DEADLINE):
         assert await p.join() == 0
     p.close()
     ours.close()
+    return sent
+
+
+@pytest.mark.usefixtures("servers_handlers")
+async def test_a_fork_child_starts_with_default_dispositions() -> None:
+    dispositions = await _sent_by(targets.send_dispositions, [int(s) for s in HANDLED])
     assert dispositions == {int(s): "default" for s in HANDLED}
 
 
@@ -202,31 +207,13 @@ async def test_a_fork_child_of_a_running_loop_sees_no_loop(where: str) -> None:
 
 async def test_a_spawn_child_does_not_import_what_only_a_forked_child_needs() -> None:
     """A new interpreter has nothing to clean: spared those imports (1% of its start)."""
-    ours, theirs = multiprocessing.Pipe()
     names = ["aioproc._fds", "aioproc._reset", "contextvars"]
-    p = AsyncProcess(target=targets.send_loaded, args=(theirs, names), context="spawn")
-    p.start()
-    theirs.close()
-    loaded = await handshake(ours)
-    with anyio.fail_after(DEADLINE):
-        assert await p.join() == 0
-    p.close()
-    ours.close()
-    assert loaded == []
+    assert await _sent_by(targets.send_loaded, names, context="spawn") == []
 
 
 async def test_a_fork_child_of_a_spawn_child_starts_with_default_dispositions() -> None:
-    ours, theirs = multiprocessing.Pipe()
-    p = AsyncProcess(
-        target=targets.send_dispositions_of_a_fork_child,
-        args=(theirs, [int(s) for s in HANDLED]),
-        context="spawn",
+    signums = [int(s) for s in HANDLED]
+    dispositions = await _sent_by(
+        targets.send_dispositions_of_a_fork_child, signums, context="spawn"
     )
-    p.start()
-    theirs.close()
-    dispositions = await handshake(ours)
-    with anyio.fail_after(DEADLINE):
-        assert await p.join() == 0
-    p.close()
-    ours.close()
     assert dispositions == {int(s): "default" for s in HANDLED}
