@@ -459,7 +459,13 @@ class ForkPopen(_ReapedHere):
         self.sentinel = parent_r
 
 
-_SIGINT = {signal.SIGINT}
+try:
+    # signal's own pthread_sigmask turns the old mask into enums: after a fork
+    # every page that machinery touches is copied (32 faults a start).
+    from _signal import pthread_sigmask as _sigmask  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - not CPython
+    _sigmask = signal.pthread_sigmask
+_SIGINT = (int(signal.SIGINT),)
 
 
 def _fork_with_sigint_blocked(process_obj: BaseProcess) -> int:
@@ -471,16 +477,16 @@ def _fork_with_sigint_blocked(process_obj: BaseProcess) -> int:
     handlers are its own (``AsyncProcess._bootstrap``).  One meant for this
     process meanwhile is delivered when the mask is restored.
     """
-    unblock = signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, _SIGINT)
+    unblock = _SIGINT[0] not in _sigmask(signal.SIG_BLOCK, _SIGINT)
     process_obj._unblock_sigint = unblock  # type: ignore[attr-defined]
     try:
         pid = os.fork()
     except BaseException:
         if unblock:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT)
+            _sigmask(signal.SIG_UNBLOCK, _SIGINT)
         raise
     if pid and unblock:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT)
+        _sigmask(signal.SIG_UNBLOCK, _SIGINT)
     return pid
 
 

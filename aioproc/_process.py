@@ -83,16 +83,18 @@ _clean_start_bound = False
 _close_inherited: Callable[[], None]
 _reset_loop_state: Callable[[], None]
 _Context: type[contextvars.Context]
+_unblock_sigint: Callable[[], None]
 
 
 def _bind_clean_start() -> None:
-    global _clean_start_bound, _close_inherited, _reset_loop_state, _Context
+    global _clean_start_bound, _close_inherited, _reset_loop_state, _Context, _unblock_sigint
     from contextvars import Context
 
     from ._fds import close_inherited
-    from ._reset import reset_loop_state
+    from ._reset import reset_loop_state, unblock_sigint
 
     _close_inherited, _reset_loop_state, _Context = close_inherited, reset_loop_state, Context
+    _unblock_sigint = unblock_sigint
     _clean_start_bound = True
 
 
@@ -580,7 +582,7 @@ class AsyncProcess(mp_process.BaseProcess):
             _close_inherited()  # forked from a parent that has children: their pipes
             _reset_loop_state()
             if self._unblock_sigint:  # blocked around the fork: see _popen
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT,))
+                _unblock_sigint()
             # A fresh context: no context variable of the parent's loop leaks in.
             code: int = _Context().run(bootstrap, parent_sentinel)
         else:  # a spawn child: a new interpreter, its context empty

@@ -94,3 +94,8 @@ def reset_loop_state() -> None:
             continue
         default = _signal.default_int_handler if signum == _signal.SIGINT else _signal.SIG_DFL
         _signal.signal(signum, default)
+
+
+def unblock_sigint() -> None:
+    """Unblock SIGINT, which the parent blocked around the fork (``_popen``)."""
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, (_signal.SIGINT,))
