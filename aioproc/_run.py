@@ -117,7 +117,7 @@ class _Inbox:
         self.fd = conn.fileno()
         os.set_blocking(self.fd, False)
         self.call_conn = call_conn
-        self.parts = call.parts
+        self.call = call  # its frame is made as the process object is pickled
         self.hello = _wire.Incoming()
         self.outcome = _wire.Incoming()
         self.error: Exception | None = None
@@ -137,8 +137,8 @@ class _Inbox:
         self.outcome.read_some(self.fd, math.inf)
 
     async def _send_call(self) -> None:
-        conn, parts = self.call_conn, self.parts
-        self.parts = None
+        conn, parts = self.call_conn, self.call.parts
+        self.call.parts = None
         if conn is None:
             return
         try:
@@ -187,7 +187,7 @@ def _sigint_blocked(method: str) -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-async def _start(
+def _prepare(
     func: Callable[..., object],
     args: tuple[Any, ...],
     ctx: BaseContext,
@@ -195,16 +195,20 @@ async def _start(
     new_process_group: bool,
     die_with_parent: bool,
     grace: float,
-) -> tuple[AsyncProcess, _Inbox]:
-    method = ctx.get_start_method()
+) -> tuple[AsyncProcess, _Inbox, list[Connection]]:
+    """The child's process object, the parent's inbox and the child's pipe ends.
+
+    Nothing is started yet; the caller closes the child's ends once it is.
+    """
     reader, writer = _wire.pipe("run()")
-    call_reader = call_writer = None
-    proc: AsyncProcess | None = None
+    ends = [reader, writer]
     try:
-        if not POPEN_CLASSES[method].inherits_memory:
+        call_reader = call_writer = None
+        if not POPEN_CLASSES[ctx.get_start_method()].inherits_memory:
             # The call travels on a pipe of its own, as it drains (see Call).
             call_reader, call_writer = _wire.pipe("run()")
-        call = Call(func, args, method, call_reader)
+            ends += [call_reader, call_writer]
+        call = Call(func, args, ctx.get_start_method(), call_reader)
         proc = AsyncProcess(
             target=child_main,
             args=(writer, call),
@@ -215,22 +219,12 @@ async def _start(
         proc._kill_group_at_exit = True  # the whole tree ends with the call
         proc._stop_at_exit = True  # abandoned at interpreter exit: stopped, not awaited
         proc._exit_grace = grace
-        # SIGINT is blocked only while the child is created, never across an
-        # await: other tasks' children must not inherit the mask.
-        await proc._start_async(functools.partial(_sigint_blocked, method))
         inbox = _Inbox(reader, call, call_writer)
     except BaseException:
-        if proc is not None and proc._child is not None:
-            _stop_now(proc)  # started, then interrupted (trio's KeyboardInterrupt)
-        reader.close()
-        if call_writer is not None:
-            call_writer.close()
+        for end in ends:
+            end.close()
         raise
-    finally:
-        writer.close()
-        if call_reader is not None:
-            call_reader.close()
-    return proc, inbox
+    return proc, inbox, [writer] if call_reader is None else [writer, call_reader]
 
 
 async def _join_and_drain(proc: AsyncProcess, inbox: _Inbox) -> int:
@@ -402,7 +396,7 @@ async def run(
     die_with_parent = check_die_with_parent(die_with_parent, ctx.get_start_method())
     reap_stragglers()
     await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled already: start nothing
-    proc, inbox = await _start(
+    proc, inbox, child_ends = _prepare(
         func,
         args,
         ctx,
@@ -411,11 +405,23 @@ async def run(
         grace=grace,
     )
     try:
+        try:
+            # SIGINT is blocked only while the child is created, never across
+            # an await: other tasks' children must not inherit the mask.
+            await proc._start_async(functools.partial(_sigint_blocked, ctx.get_start_method()))
+        finally:
+            for end in child_ends:
+                end.close()
         pid = cast(int, proc.pid)
         with anyio.move_on_after(timeout) as deadline:
             code = await _join_and_drain(proc, inbox)
     except BaseException:
-        await _stop(proc, inbox, grace)
+        # Once the child exists it is stopped as a cancellation stops it, also
+        # when trio's KeyboardInterrupt landed right after it was created.
+        if proc._child is not None:
+            await _stop(proc, inbox, grace)
+        else:
+            inbox.close()
         raise
     if deadline.cancelled_caught:
         stopped_code, done, usage = await _stop(proc, inbox, grace)

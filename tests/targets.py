@@ -646,3 +646,16 @@ def send_dispositions_of_a_fork_child(conn: Connection, signums: list[int]) -> N
         return code
 
     sys.exit(asyncio.run(start_and_join()))
+
+
+def say_sigterm_on_fifo(path: str) -> None:
+    """Say ``ready`` on the FIFO at *path*, then ``sigterm`` and exit 0 when one comes."""
+    fd = os.open(path, os.O_WRONLY)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        os.write(fd, b"sigterm\n")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    os.write(fd, b"ready\n")
+    time.sleep(60)

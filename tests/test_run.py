@@ -314,7 +314,7 @@ async def test_already_cancelled_starts_nothing(monkeypatch: pytest.MonkeyPatch)
     def must_not_start(*args: object) -> None:
         raise AssertionError("a child was started in a cancelled scope")
 
-    monkeypatch.setattr(aioproc._run, "_start", must_not_start)
+    monkeypatch.setattr(aioproc._run, "_prepare", must_not_start)
     with anyio.CancelScope() as scope:
         scope.cancel()
         await aioproc.run(targets.noop)
