@@ -22,6 +22,12 @@ Living next to other SIGCHLD handlers:
   child: a wake-up missed meanwhile costs at most that long.  (asyncio still
   runs its callback: its wake-up fd is written by the C-level handler,
   whichever Python handler is installed.)
+- A C library (libuv, libev, glib, an extension) installs its disposition with
+  ``sigaction()``, which Python's ``signal`` module does not see:
+  ``signal.getsignal`` keeps returning what Python last installed.  So the
+  kernel's own SIGCHLD action is read too (``_os_handler``): one installed from
+  C is chained to, put back and never overwritten like a Python handler, as a
+  ``_CAction``; SIG_IGN set from C is SIG_IGN.
 - With SIGCHLD set to SIG_IGN the kernel reaps every child at once and sends
   no signal; installing a handler would turn the program's other children into
   zombies.  So the watcher is refused there (automatic choice moves on).
@@ -51,6 +57,102 @@ from ._base import Place, Watch
 
 #: Seconds between the leader's checks that our handler is still installed.
 _RECHECK = 0.25
+
+# -- the kernel's SIGCHLD action, which C code may have set behind Python's back ----
+
+_SIGACTION_SIZE = 512  # more than any libc's struct sigaction; sa_handler comes first
+_libc: Any = None
+
+
+def _sigaction(new: Any) -> Any:
+    """``sigaction(SIGCHLD, new, old)``: the old action as an opaque buffer (None: unknown)."""
+    global _libc
+    if _libc is False:
+        return None
+    try:
+        import ctypes  # noqa: PLC0415 - only where sigchld is used
+
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.sigaction.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        old = ctypes.create_string_buffer(_SIGACTION_SIZE)
+        if _libc.sigaction(signal.SIGCHLD, new, old) != 0:
+            return None
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - no ctypes, no libc
+        _libc = False
+        return None
+    return old
+
+
+def _handler_of(action: Any) -> int:
+    import ctypes  # noqa: PLC0415
+
+    return ctypes.c_void_p.from_buffer(action).value or 0  # SIG_DFL is 0
+
+
+def _os_handler() -> int | None:
+    """The handler the kernel runs for SIGCHLD (0 SIG_DFL, 1 SIG_IGN); None: unknown."""
+    action = _sigaction(None)
+    return None if action is None else _handler_of(action)
+
+
+#: The address of CPython's C-level handler, which runs every Python handler.
+_trampoline: int | None = None
+
+
+class _CAction:
+    """A SIGCHLD action installed from C, which ours replaced: chained to, put back."""
+
+    def __init__(self, action: Any) -> None:
+        import ctypes  # noqa: PLC0415
+
+        self.action = action
+        self.handler = _handler_of(action)
+        # Called as sa_sigaction(signum, info, context): a plain sa_handler
+        # ignores the extra arguments (the C calling convention allows it).
+        self._call = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)(
+            self.handler
+        )
+        self._info = ctypes.create_string_buffer(128)  # a siginfo_t: si_signo first
+        ctypes.c_int.from_buffer(self._info).value = signal.SIGCHLD
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.handler > 1:  # not SIG_DFL / SIG_IGN
+            self._call(signum, self._info, None)
+
+    def restore(self) -> None:
+        """Put this action back (Python's signal module still says SIG_DFL)."""
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _sigaction(self.action)
+
+
+def _install_ours() -> Any:
+    """Install ``_on_sigchld``; the action it replaced (a Python handler or a ``_CAction``)."""
+    global _trampoline
+    before = _sigaction(None)
+    previous = signal.signal(signal.SIGCHLD, _on_sigchld)
+    if before is not None:
+        _trampoline = _os_handler()
+        handler = _handler_of(before)
+        if handler not in (0, _trampoline):  # set from C, not through Python
+            return _CAction(before)
+        if handler == 0:
+            return signal.SIG_DFL
+    return previous
+
+
+def _ours_on_top() -> bool:
+    """Whether the kernel runs our handler for SIGCHLD now."""
+    if signal.getsignal(signal.SIGCHLD) is not _on_sigchld:
+        return False
+    return _trampoline is None or _os_handler() in (None, _trampoline)
+
+
+def _put_back(handler: Any) -> None:
+    if isinstance(handler, _CAction):
+        handler.restore()
+    else:
+        signal.signal(signal.SIGCHLD, handler if handler is not None else signal.SIG_DFL)
 
 
 class _Hub:
@@ -143,13 +245,14 @@ def _on_sigchld(signum: int, frame: Any) -> None:
 
 
 def ignored() -> bool:
-    """Whether the program set SIGCHLD to SIG_IGN (the kernel then reaps every child)."""
-    return signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN
+    """Whether the program set SIGCHLD to SIG_IGN (the kernel then reaps every child),
+    through Python or from C."""
+    return signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN or _os_handler() == 1
 
 
 def _install() -> None:
     global _previous_handler, _original_handler
-    _previous_handler = signal.signal(signal.SIGCHLD, _on_sigchld)
+    _previous_handler = _install_ours()
     if not _chained_below:
         _original_handler = _previous_handler
 
@@ -157,20 +260,17 @@ def _install() -> None:
 def _still_installed() -> bool:
     """Put our handler back on top if someone replaced it; False if they did."""
     global _previous_handler
-    if signal.getsignal(signal.SIGCHLD) is _on_sigchld:
+    if _ours_on_top():
         return True
     if not ignored():
-        _previous_handler = signal.signal(signal.SIGCHLD, _on_sigchld)
+        _previous_handler = _install_ours()
     return False
 
 
 def _uninstall() -> None:
     global _previous_handler, _our_wakeup_fd, _chained_below
-    if signal.getsignal(signal.SIGCHLD) is _on_sigchld:
-        signal.signal(
-            signal.SIGCHLD,
-            _previous_handler if _previous_handler is not None else signal.SIG_DFL,
-        )
+    if _ours_on_top():
+        _put_back(_previous_handler)
         # Put back what ours chained to; if that was one installed over ours, it
         # may still call ours, which goes on to the program's own.
         _chained_below = _previous_handler is not _original_handler
