@@ -115,9 +115,13 @@ async def started_child(code: int) -> tuple[AsyncProcess, Any]:
 async def joined_while(p: AsyncProcess, ours: Any, during: Any = None) -> int | None:
     """Join *p* in a task; once it waits, run *during()*, then let the child exit."""
     codes: list[int | None] = []
+    lost: list[aioproc.ExitStatusLost] = []
 
     async def join() -> None:
-        codes.append(await p.join())
+        try:
+            codes.append(await p.join())
+        except aioproc.ExitStatusLost as exc:
+            lost.append(exc)
 
     with anyio.fail_after(DEADLINE):
         async with anyio.create_task_group() as tg:
@@ -127,6 +131,8 @@ async def joined_while(p: AsyncProcess, ours: Any, during: Any = None) -> int | 
                 during()
             ours.send("go")
     ours.close()
+    if lost:
+        raise lost[0]
     return codes[0]
 
 
@@ -310,3 +316,82 @@ async def test_no_pidfd_signals_never_reach_our_other_child_at_the_reaped_pid(
         assert not touched, f"terminate() sent {touched} to another child of ours at pid {pid}"
         return
     pytest.fail("another process took the freed pid first, 8 times in a row")
+
+
+# -- probes that held ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    why_pids_cannot_be_chosen() is not None, reason=str(why_pids_cannot_be_chosen())
+)
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+@pytest.mark.parametrize("name", ["pidfd", "sigchld", "sentinel", "thread"])
+async def test_pidfd_kernel_after_pid_reuse_by_our_other_child(name: str) -> None:
+    """With pidfds (this kernel), the same scene: no signal reaches our other child at the
+    reused pid, is_alive() is False, and join() says ExitStatusLost (not that child's exit)."""
+    aioproc.set_watcher(name)  # type: ignore[arg-type]
+    for _ in range(8):
+        ours, theirs = multiprocessing.Pipe()
+        p = AsyncProcess(target=exit_leaving_a_grandchild, args=(theirs,), context="fork")
+        p.start()
+        theirs.close()
+        pid = p.pid
+        assert pid is not None
+        grandchild = await handshake(ours)
+        lost: list[BaseException] = []
+        try:
+            ours.send("go")
+            assert os.waitpid(pid, 0)[0] == pid  # the foreign reap
+            other = our_child_at(pid)
+            if other is None:
+                continue
+            try:
+                p.terminate()
+                p.interrupt()
+                p.kill()
+                touched = signals_pending(other)
+                alive = p.is_alive()
+                with anyio.fail_after(DEADLINE):
+                    try:
+                        await p.join()
+                    except aioproc.ExitStatusLost as exc:
+                        lost.append(exc)
+            finally:
+                os.kill(other, signal.SIGKILL)
+                os.waitpid(other, 0)
+        finally:
+            ours.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(grandchild, signal.SIGKILL)
+            p.close()
+        assert not touched, f"signals {touched} reached another child of ours at pid {pid}"
+        assert not alive
+        assert lost, "join() did not report the lost status"
+        return
+    pytest.fail("another process took the freed pid first, 8 times in a row")
+
+
+@pytest.mark.usefixtures("sigchld_put_back")
+@pytest.mark.parametrize("how", ["python", "c"])
+async def test_sig_ign_set_while_a_join_waits_gives_a_result_and_stays(how: str) -> None:
+    """SIG_IGN set (through Python, or from C) while a sigchld join waits: the join ends
+    at once with ExitStatusLost (or the code), and SIG_IGN is still in place after."""
+    p, ours = await started_child(7)
+
+    def ignore() -> None:
+        if how == "python":
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        else:
+            c_install(_SIG_IGN)
+
+    start = time.monotonic()
+    try:
+        code: object = await joined_while(p, ours, during=ignore)
+    except aioproc.ExitStatusLost as exc:
+        code = exc
+    took = time.monotonic() - start
+    p.close()
+    assert code == 7 or isinstance(code, aioproc.ExitStatusLost)
+    assert took < 2, f"the join took {took:.2f} s"
+    assert c_disposition() == _SIG_IGN
+    assert other_child_state_after_exit() is None
