@@ -105,6 +105,9 @@ class Child:
     _lost_reported = False
     #: The duplicate of the Popen's sentinel given out as ``sentinel``; -1 until asked for.
     _given_sentinel = -1
+    #: Without a pidfd (Linux): the child's ``/proc/PID`` directory, opened at
+    #: start, which tells the Popen whether the pid still names the child.
+    _proc_dir = -1
     #: The watch, made when a join first waits (``_wait_exited``): a child
     #: that has exited by its first join never needs one, and a start that
     #: allocates less writes fewer pages (see _start on why that counts).
@@ -135,6 +138,8 @@ class Child:
             finalizer = popen.finalizer  # the stdlib's: it closes the pipe ends
             self._fds = (popen.sentinel, *(finalizer._args if finalizer is not None else ()))  # type: ignore[attr-defined]
             _fds.hold(*self._fds)
+            if self.pidfd < 0 and popen.reaped_here:
+                self._open_proc_dir()
         if not pidfd_support.supported and watch_cls is PidfdWatch:
             # pidfd_open was refused just now (a sandbox): the next watcher,
             # or WatcherUnavailable if pidfd was forced.
@@ -171,6 +176,22 @@ class Child:
         self.pidfd = self.popen.pidfd = fd
         _fds.hold(fd)
         _popen.child_pidfds_work = True
+
+    def _open_proc_dir(self) -> None:
+        """Open ``/proc/PID`` (Linux) while the pid surely names the child, unreaped.
+
+        Raises ``OSError`` when descriptors ran out (the caller cleans up).
+        """
+        if self.popen.exit_state() is Exit.GONE:
+            return  # reaped by someone else already: the pid may name anyone
+        try:
+            fd = os.open(f"/proc/{self.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise
+            return  # no /proc here
+        self._proc_dir = self.popen.proc_dir = fd
+        _fds.hold(fd)
 
     # -- state -------------------------------------------------------------------
 
@@ -404,7 +425,7 @@ class Child:
         """Release everything; the child must have exited and been collected (or lost)."""
         if os.getpid() != self._parent_pid:
             # A forked copy: the numbers may name this process's own files by now.
-            self.pidfd = self._given_sentinel = -1
+            self.pidfd = self._given_sentinel = self._proc_dir = self.popen.proc_dir = -1
             self._fds, self._watch = (), None
             self.popen.close()  # its closers check their owner too
             return
@@ -426,22 +447,27 @@ class Child:
         given, self._given_sentinel = self._given_sentinel, -1
         if given >= 0:
             os.close(given)
+        proc_dir, self._proc_dir = self._proc_dir, -1
+        if proc_dir >= 0:
+            self.popen.proc_dir = -1
+            os.close(proc_dir)
         self.popen.close()
 
     def _release_fds(self) -> None:
         fds, self._fds = self._fds, ()
         if os.getpid() == self._parent_pid:
-            _fds.release(*fds, self.pidfd, self._given_sentinel)
+            _fds.release(*fds, self.pidfd, self._given_sentinel, self._proc_dir)
 
     def __del__(self) -> None:
-        if self.pidfd < 0 and self._given_sentinel < 0 and not self._fds:
+        if self.pidfd < 0 and self._given_sentinel < 0 and self._proc_dir < 0 and not self._fds:
             return  # closed
         if os.getpid() != self._parent_pid:
             return  # a forked copy: the descriptors are not ours
         self._release_fds()
         pidfd, self.pidfd = self.pidfd, -1
         given, self._given_sentinel = self._given_sentinel, -1
-        for fd in (pidfd if self._own_pidfd else -1, given):
+        proc_dir, self._proc_dir = self._proc_dir, -1
+        for fd in (pidfd if self._own_pidfd else -1, given, proc_dir):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)

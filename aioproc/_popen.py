@@ -170,6 +170,8 @@ class _AioprocPopen(popen_fork.Popen):
     lost_reason = ""
     #: The child's pidfd (its handle's), once opened; -1 without one.
     pidfd = -1
+    #: Without a pidfd (Linux): the handle's ``/proc/PID`` directory; -1 if none.
+    proc_dir = -1
     #: For a deferred start (``start_async``): the pickled data still to send.
     _data: memoryview | None = None
     _data_fd = -1
@@ -285,6 +287,19 @@ class _AioprocPopen(popen_fork.Popen):
         self.pidfd = -1  # closed by the finalizer, with the sentinel it may be
 
 
+def _still_there(proc_dir: int) -> bool:
+    """Whether the process of the ``/proc/PID`` directory *proc_dir* is not reaped yet.
+
+    The directory's entries vanish when the process is reaped, and stay gone
+    when its pid is given to another process.
+    """
+    try:
+        os.stat("stat", dir_fd=proc_dir)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return True
+
+
 #: waitid() on a pidfd (Linux >= 5.4): asks about the very process, not its number.
 _P_PIDFD: int | None = getattr(os, "P_PIDFD", None)
 _PEEK = os.WEXITED | os.WNOHANG | os.WNOWAIT
@@ -296,7 +311,9 @@ class _ReapedHere(_AioprocPopen):
     With a pidfd, the kernel is asked about the process itself
     (``waitid(P_PIDFD)``) before its pid is used: once someone else reaped it,
     the pid may be another child's, and ``wait4(pid)`` would take that one's
-    status.  Without a pidfd, the pid is all there is.
+    status.  Without a pidfd, the child's ``/proc/PID`` directory, opened at
+    start (Linux), tells whether the pid still names it; elsewhere the pid is
+    all there is.
     """
 
     def _peek(self) -> os.waitid_result | None:
@@ -311,11 +328,18 @@ class _ReapedHere(_AioprocPopen):
                 if exc.errno != errno.EINVAL:
                     raise
                 _P_PIDFD = None
+        if self.proc_dir >= 0 and not _still_there(self.proc_dir):
+            # Reaped by someone else: the pid may be another child's by now.
+            raise ChildProcessError(errno.ECHILD, "the child was reaped by someone else")
         return os.waitid(os.P_PID, self.pid, _PEEK)
 
     def _collect(self, flag: int) -> None:
         try:
-            if self.pidfd >= 0 and self._peek() is None and flag == os.WNOHANG:
+            if (
+                (self.pidfd >= 0 or self.proc_dir >= 0)
+                and self._peek() is None
+                and flag == os.WNOHANG
+            ):
                 return
             pid, status, usage = os.wait4(self.pid, flag)
         except ChildProcessError:

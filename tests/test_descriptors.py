@@ -205,3 +205,27 @@ async def test_the_parent_sentinel_turns_readable_when_the_parent_dies(context: 
         parent.close()
     assert not pid_exists(grandchild)
     ours.close()
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+async def test_without_pidfds_a_child_holds_its_two_pipes_and_its_proc_directory(
+    context: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old kernel (or a sandbox that refuses pidfd_open): the stdlib's two pipes,
+    and the child's ``/proc/PID`` directory, which tells whether the pid still
+    names the child; all closed by ``close()``."""
+    monkeypatch.setattr(pidfd, "supported", False)
+    await warmed_up(context)
+    before = open_fds() - fork_server_fd()
+    p = AsyncProcess(target=targets.sleep, args=(60,), context=context)
+    p.start()
+    held = open_fds() - fork_server_fd() - before
+    assert p._child is not None
+    assert p._child.pidfd == -1
+    assert sorted(_kind(fd)[:5] for fd in held) == ["/proc", "pipe:", "pipe:"]
+    assert f"/proc/{p.pid}" in {_kind(fd) for fd in held}
+    p.kill()
+    with anyio.fail_after(DEADLINE):
+        assert await p.join() == -signal.SIGKILL
+    p.close()
+    assert open_fds() - fork_server_fd() - before == set()

@@ -1,4 +1,4 @@
-"""Review probes: the sigchld watcher next to SIGCHLD users Python cannot see.
+"""The sigchld watcher next to SIGCHLD users Python cannot see; pid reuse without pidfd.
 
 SPEC §3 and §8, README "Watchers".  A C library (libuv, libev, glib, an
 extension module) installs its SIGCHLD disposition with ``sigaction()``, not
@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -227,18 +227,6 @@ async def test_c_level_handler_installed_over_ours_while_joining_stays() -> None
 # -- findings: a pid reused by another child of ours ---------------------------------
 
 
-def exit_leaving_a_grandchild(conn: Any) -> None:
-    """Fork a grandchild that keeps every inherited descriptor (the sentinel's write
-    end too) and sleeps; report its pid; exit on the word."""
-    grandchild = os.fork()
-    if grandchild == 0:
-        time.sleep(DEADLINE)
-        os._exit(0)
-    conn.send(grandchild)
-    conn.recv()
-    os._exit(0)
-
-
 def our_child_at(pid: int) -> int | None:
     """Fork a child of ours (all signals blocked, so they stay pending) at *pid*.
 
@@ -266,109 +254,80 @@ def our_child_at(pid: int) -> int | None:
     return child
 
 
-@pytest.mark.skipif(
-    why_pids_cannot_be_chosen() is not None, reason=str(why_pids_cannot_be_chosen())
-)
-@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
-@pytest.mark.parametrize("name", ["sigchld", "sentinel", "thread"])
-async def test_no_pidfd_signals_never_reach_our_other_child_at_the_reaped_pid(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Without pidfd (an old kernel, played as test_strangers.py does): a foreign
-    ``waitpid`` reaps the child, whose grandchild still holds the sentinel pipe,
-    and the pid goes to another child of this process.  terminate() must not
-    signal that one.
-
-    SPEC §8: "No stranger is ever signalled ... also after the child was reaped by
-    someone else (... a foreign waitpid(-1) ...) and its pid was reused."
-    README: without a pidfd a child is signalled only "while it still holds its
-    end of the sentinel pipe (so it has not died ...)" — a grandchild holds it too.
-    """
-    monkeypatch.setattr(aioproc._watchers.pidfd, "supported", False)
-    aioproc.set_watcher(name)  # type: ignore[arg-type]
+@contextlib.asynccontextmanager
+async def reaped_and_reused() -> AsyncIterator[tuple[AsyncProcess, int]]:
+    """A fork child reaped by a foreign ``waitpid`` while its grandchild still holds
+    the sentinel pipe, and its pid given to another child of this process (all
+    signals blocked, so that any sent stay pending).  Yields both; cleans up."""
     for _ in range(8):  # another process may take the freed pid first
         ours, theirs = multiprocessing.Pipe()
-        p = AsyncProcess(target=exit_leaving_a_grandchild, args=(theirs,), context="fork")
+        p = AsyncProcess(
+            target=targets.fork_grandchild_then_exit, args=(theirs, DEADLINE), context="fork"
+        )
         p.start()
         theirs.close()
         pid = p.pid
         assert pid is not None
         grandchild = await handshake(ours)
+        other = None
         try:
             ours.send("go")
             assert os.waitpid(pid, 0)[0] == pid  # the foreign reap
             other = our_child_at(pid)
-            if other is None:
-                continue
-            try:
-                p.terminate()
-                touched = signals_pending(other)
-            finally:
-                os.kill(other, signal.SIGKILL)
-                os.waitpid(other, 0)
+            if other is not None:
+                yield p, other
+                return
         finally:
             ours.close()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(grandchild, signal.SIGKILL)
+            if other is not None:
+                os.kill(other, signal.SIGKILL)
+                os.waitpid(other, 0)
             with anyio.fail_after(DEADLINE), contextlib.suppress(aioproc.ExitStatusLost):
                 await p.join()
             p.close()
-        assert not touched, f"terminate() sent {touched} to another child of ours at pid {pid}"
-        return
     pytest.fail("another process took the freed pid first, 8 times in a row")
-
-
-# -- probes that held ------------------------------------------------------------------
 
 
 @pytest.mark.skipif(
     why_pids_cannot_be_chosen() is not None, reason=str(why_pids_cannot_be_chosen())
 )
 @pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+@pytest.mark.parametrize("pidfds", [True, False], ids=["pidfds", "no-pidfds"])
 @pytest.mark.parametrize("name", ["pidfd", "sigchld", "sentinel", "thread"])
-async def test_pidfd_kernel_after_pid_reuse_by_our_other_child(name: str) -> None:
-    """With pidfds (this kernel), the same scene: no signal reaches our other child at the
-    reused pid, is_alive() is False, and join() says ExitStatusLost (not that child's exit)."""
+async def test_after_a_foreign_reap_and_pid_reuse_by_our_other_child_nothing_reaches_it(
+    name: str, pidfds: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signals, is_alive(), join() and close() of the reaped child: no signal reaches
+    our other child at the reused pid, is_alive() is False, join() says
+    ExitStatusLost (it neither waits for that child nor takes its status), and
+    the other child's status stays ours to collect.  Without pidfds (an old
+    kernel, played as test_strangers.py does) terminate() reached it, and
+    join() took its status, before the child's ``/proc/PID`` was kept.
+
+    SPEC §8: "No stranger is ever signalled ... also after the child was reaped
+    by someone else ... and its pid was reused"; §1: "aioproc never reaps a
+    child it did not start"."""
+    if not pidfds:
+        if name == "pidfd":
+            pytest.skip("the pidfd watcher needs pidfds")
+        monkeypatch.setattr(aioproc._watchers.pidfd, "supported", False)
     aioproc.set_watcher(name)  # type: ignore[arg-type]
-    for _ in range(8):
-        ours, theirs = multiprocessing.Pipe()
-        p = AsyncProcess(target=exit_leaving_a_grandchild, args=(theirs,), context="fork")
-        p.start()
-        theirs.close()
-        pid = p.pid
-        assert pid is not None
-        grandchild = await handshake(ours)
-        lost: list[BaseException] = []
-        try:
-            ours.send("go")
-            assert os.waitpid(pid, 0)[0] == pid  # the foreign reap
-            other = our_child_at(pid)
-            if other is None:
-                continue
-            try:
-                p.terminate()
-                p.interrupt()
-                p.kill()
-                touched = signals_pending(other)
-                alive = p.is_alive()
-                with anyio.fail_after(DEADLINE):
-                    try:
-                        await p.join()
-                    except aioproc.ExitStatusLost as exc:
-                        lost.append(exc)
-            finally:
-                os.kill(other, signal.SIGKILL)
-                os.waitpid(other, 0)
-        finally:
-            ours.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(grandchild, signal.SIGKILL)
-            p.close()
-        assert not touched, f"signals {touched} reached another child of ours at pid {pid}"
-        assert not alive
-        assert lost, "join() did not report the lost status"
-        return
-    pytest.fail("another process took the freed pid first, 8 times in a row")
+    async with reaped_and_reused() as (p, other):
+        p.terminate()
+        p.interrupt()
+        p.kill()
+        touched = signals_pending(other)
+        assert not touched, f"signals {touched} reached another child of ours at pid {other}"
+        assert not p.is_alive()
+        with anyio.fail_after(DEADLINE), pytest.raises(aioproc.ExitStatusLost):
+            await p.join()
+        assert p.exitcode is None
+        assert os.waitpid(other, os.WNOHANG) == (0, 0), "our other child was touched"
+
+
+# -- SIG_IGN set while a join waits ---------------------------------------------------
 
 
 @pytest.mark.usefixtures("sigchld_put_back")
