@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -53,6 +55,38 @@ _MEMORY_FLOOR = 0.10
 
 #: The three ways a checkpoint starts a child.
 _HOWS = ("fork", "stdlib", "aioproc")
+
+
+#: Pages in each of the new-page probe's four mappings (16 MiB).
+_PROBE_PAGES = 4096
+
+
+def _faults() -> int:
+    """Page faults this thread has taken (each write to a page shared with a child is one)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
+def new_page_cost() -> float:
+    """Seconds a first write to a page of fresh memory costs now (4 x 16 MiB, a median).
+
+    A copy-on-write fault takes a fresh page too.  On a virtual machine whose
+    host backs guest memory lazily (and takes back what the guest frees), that
+    cost jumps once the guest's recently used free memory runs out: here from
+    about 1.4 to 10 µs a page (both the start()s' faults and this probe feel it).
+    """
+    page = mmap.PAGESIZE
+    held = [mmap.mmap(-1, _PROBE_PAGES * page) for _ in range(4)]  # none reuses another's
+    costs = []
+    try:
+        for m in held:
+            t = time.perf_counter()
+            for offset in range(0, _PROBE_PAGES * page, page):
+                m[offset] = 1
+            costs.append((time.perf_counter() - t) / _PROBE_PAGES)
+    finally:
+        for m in held:
+            m.close()
+    return sorted(costs)[1]
 
 
 class _OutOfRoom(Exception):
@@ -222,29 +256,34 @@ async def _scale(
         for how in _HOWS:
             point[how], point[how + " cpu"] = [], []
 
-        def timed(how: str, t: float, c: float) -> None:
+            point[how + " faults"] = []
+
+        def timed(how: str, t: float, c: float, f: int) -> None:
             point[how].append(time.perf_counter() - t)
             point[how + " cpu"].append(time.thread_time() - c)
+            point[how + " faults"].append(_faults() - f)
 
         for _ in range(samples):
-            t, c = time.perf_counter(), time.thread_time()
+            t, c, f = time.perf_counter(), time.thread_time(), _faults()
             pid = os.fork()
             if pid == 0:
                 stamp_and_exit(*_sleeper_args(barrier))
-            timed("fork", t, c)
+            timed("fork", t, c, f)
             forked.append(pid)
             q = ctx.Process(target=sleep.target, args=sleep.args)  # type: ignore[attr-defined]
-            t, c = time.perf_counter(), time.thread_time()
+            t, c, f = time.perf_counter(), time.thread_time(), _faults()
             q.start()
-            timed("stdlib", t, c)
+            timed("stdlib", t, c, f)
             plain.append(q)
             p = AsyncProcess(target=sleep.target, args=sleep.args, context=method)
-            t, c = time.perf_counter(), time.thread_time()
+            t, c, f = time.perf_counter(), time.thread_time(), _faults()
             p.start()
-            timed("aioproc", t, c)
+            timed("aioproc", t, c, f)
             pool.append(p)
             sampled.append(p.pid)
             progress.advance(3)
+        # After the samples: the probe's pages, once freed, are cheap to take again.
+        point["new page us"] = new_page_cost() * 1e6
         result.curve.append(point)
 
     try:
