@@ -53,10 +53,11 @@ from . import _fds, _popen
 from ._exceptions import ExitStatusLost
 from ._popen import Exit, readable_now
 from ._tree import PIDFD_SIGNAL_PROCESS_GROUP, pidfd_group_signals_work
-from ._watchers import choose, usable_at_join
+from ._watchers import choose, get_watcher, usable_at_join
 from ._watchers import pidfd as pidfd_support
 from ._watchers._base import token_here
 from ._watchers.pidfd import PidfdWatch
+from ._watchers.sigchld import SigchldWatch
 from ._watchers.sigchld import ignored as sigchld_ignored
 
 if TYPE_CHECKING:
@@ -112,6 +113,8 @@ class Child:
     #: that has exited by its first join never needs one, and a start that
     #: allocates less writes fewer pages (see _start on why that counts).
     _watch: Watch | None = None
+    #: The watcher was forced (``set_watcher``) when the child was started.
+    _watch_forced = False
 
     def __init__(
         self,
@@ -145,6 +148,8 @@ class Child:
             # or WatcherUnavailable if pidfd was forced.
             watch_cls = choose(type(popen))
         self._watch_cls = watch_cls
+        if watch_cls is SigchldWatch and get_watcher() is not None:
+            self._watch_forced = True  # (only sigchld's may not serve a join elsewhere)
 
     def _open_pidfd(self) -> None:
         """Open the child's pidfd, if the kernel has them and it still names the child.
@@ -324,7 +329,9 @@ class Child:
             self._close_watch()
 
     async def _wait_exited(self) -> None:
-        watch = self._watch = usable_at_join(self._watch or self._watch_cls(self.popen, self.pidfd))
+        watch = self._watch = usable_at_join(
+            self._watch or self._watch_cls(self.popen, self.pidfd), self._watch_forced
+        )
         try:
             await watch.wait_exited()
         except anyio.ClosedResourceError:

@@ -129,20 +129,21 @@ def why_unavailable(
     return cls.unavailable(place)
 
 
-def usable_at_join(watch: Watch) -> Watch:
+def usable_at_join(watch: Watch, forced: bool) -> Watch:
     """The watch to wait with when joining here (this thread, this loop).
 
     A sigchld watch chosen at ``start()`` outside any loop may be joined under
-    uvloop or from another thread: automatic choice then moves to a thread
-    watch; a forced sigchld raises ``WatcherUnavailable``.  The other watchers
-    work wherever they were chosen.
+    uvloop or from another thread: one chosen automatically then moves to a
+    thread watch; one *forced* at ``start()`` raises ``WatcherUnavailable``.
+    (What ``set_watcher()`` says now concerns processes started from now on,
+    not this one.)  The other watchers work wherever they were chosen.
     """
     if not isinstance(watch, SigchldWatch):
         return watch
     reason = SigchldWatch.unavailable(Place.here(type(watch.popen)))
     if reason is None:
         return watch
-    if get_watcher() is not None:
+    if forced:
         raise WatcherUnavailable(f"the {watch.name} watcher cannot be used here: {reason}")
     watch.close()
     return ThreadWatch(watch.popen, watch.pidfd)
