@@ -82,3 +82,55 @@ def test_automatic_sigchld_joined_from_another_thread_after_set_watcher(
         p.kill()
         anyio.run(p.join)
         p.close()
+
+
+# -- DaskPool: a worker that does not answer ------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+async def test_dask_unreachable_worker_timeout_returns_at_the_documented_deadline(
+    dask_cluster: Any, tmp_path: Any
+) -> None:
+    """README (Beyond one machine): "The client backs it with a deadline of
+    `timeout + grace + 1 s` from the submission, for a worker that does not answer
+    (stopped, partitioned): the caller then gets `ProcessTimeout` ... and the stop
+    request is left on its way."  SPEC 7: "The caller gets control back within
+    milliseconds of the timeout, even if the worker is unreachable"."""
+    import os
+    import signal
+    import time
+
+    from aioproc.dask import DaskPool
+
+    from . import dask_targets
+    from .test_dask import read_pids, wait_gone
+
+    path = tmp_path / "pids"
+    timeout, grace = 0.5, 0.2
+    async with DaskPool(dask_cluster.address, grace=grace) as pool:
+        stopped = None
+        outcome: list[Any] = []
+        try:
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+
+                    async def call() -> None:
+                        start = time.monotonic()
+                        try:
+                            await pool.run(dask_targets.pids_and_sleep, str(path), 300, timeout=timeout)
+                        except aioproc.ProcessTimeout as exc:
+                            outcome.append(exc)
+                        outcome.append(time.monotonic() - start)
+
+                    tg.start_soon(call)
+                    stopped, child, grandchild = await read_pids(path)
+                    os.kill(stopped, signal.SIGSTOP)
+        finally:
+            if stopped is not None:
+                os.kill(stopped, signal.SIGCONT)
+        await wait_gone(child, grandchild)
+    exc, elapsed = outcome
+    assert isinstance(exc, aioproc.ProcessTimeout)
+    assert "no answer from Dask worker" in str(exc)
+    # Generous slack for a busy 2-core machine: 0.5 s beyond the documented deadline.
+    assert elapsed < timeout + grace + 1.0 + 0.5, elapsed

@@ -506,12 +506,13 @@ class DaskPool:
                     worker=address,
                     key=key,
                 )
-            # The worker does not answer: tell it to stop, but do not wait long.
-            await self._stop(client, future, address, key, _MARGIN)
+            # The worker does not answer: tell it to stop, and do not wait for
+            # it (it is not answering): the request goes on in the background.
+            await self._stop(client, future, address, key, 0)
             raise ProcessTimeout(
                 f"no answer from Dask worker {address} for {name}() within {deadline:g} s "
                 f"(the timeout of {timeout:g} s, the {self._grace:g} s grace period and a "
-                f"{_MARGIN:g} s margin); the call was stopped on the worker",
+                f"{_MARGIN:g} s margin); a request to stop the call is on its way to the worker",
                 pid=0,
                 exitcode=None,
             )
