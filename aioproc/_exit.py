@@ -118,9 +118,38 @@ def _wait_all(
     return still
 
 
+#: Rounds of children started by other threads while exit handles the previous
+#: ones; those still appearing after that are stopped, so that exit stays bounded.
+_EXIT_ROUNDS = 10
+
+
 def _at_exit() -> None:
-    ours = _ours()
-    stop = [p for p in ours if p.daemon or p._stop_at_exit]
+    left: list[AsyncProcess] = []
+    # Other threads (daemon threads run on during exit) may start children
+    # while this waits: they are handled too, or the stdlib's handler, which
+    # runs next, would call join() on them and drop the coroutine.
+    for rounds in range(_EXIT_ROUNDS + 1):
+        ours = _ours()
+        if not ours:
+            break
+        left += _handle_at_exit(ours, stop_all=rounds == _EXIT_ROUNDS)
+    else:  # a thread still starting children: not waited for (nor joined by the stdlib)
+        for p in _ours():
+            mp_process._children.discard(p)  # type: ignore[attr-defined]
+    with _sigint_held():
+        _wait_for_stragglers()
+    for p in left:
+        warnings.warn(
+            f"process {p.pid} is still alive at interpreter exit, long after SIGKILL "
+            "(stuck in the kernel, or stopped by a debugger); leaving it to the init process",
+            UnkillableProcessWarning,
+            stacklevel=1,
+        )
+
+
+def _handle_at_exit(ours: list[AsyncProcess], *, stop_all: bool) -> list[AsyncProcess]:
+    """Stop or wait for *ours*, and take them off multiprocessing's list; those left alive."""
+    stop = [p for p in ours if stop_all or p.daemon or p._stop_at_exit]
     wait = [p for p in ours if p not in stop]
     left: list[AsyncProcess] = []
     with _sigint_held():
@@ -135,15 +164,7 @@ def _at_exit() -> None:
             left += stop_blocking(wait)
     for p in ours:
         mp_process._children.discard(p)  # type: ignore[attr-defined]
-    with _sigint_held():
-        _wait_for_stragglers()
-    for p in left:
-        warnings.warn(
-            f"process {p.pid} is still alive at interpreter exit, long after SIGKILL "
-            "(stuck in the kernel, or stopped by a debugger); leaving it to the init process",
-            UnkillableProcessWarning,
-            stacklevel=1,
-        )
+    return left
 
 
 def _wait_for_stragglers() -> None:

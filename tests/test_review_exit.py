@@ -70,7 +70,7 @@ def test_automatic_sigchld_joined_from_another_thread_after_set_watcher(
 
             try:
                 result.append(anyio.run(main))
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 result.append(exc)
 
         t = threading.Thread(target=in_thread)
@@ -117,7 +117,9 @@ async def test_dask_unreachable_worker_timeout_returns_at_the_documented_deadlin
                     async def call() -> None:
                         start = time.monotonic()
                         try:
-                            await pool.run(dask_targets.pids_and_sleep, str(path), 300, timeout=timeout)
+                            await pool.run(
+                                dask_targets.pids_and_sleep, str(path), 300, timeout=timeout
+                            )
                         except aioproc.ProcessTimeout as exc:
                             outcome.append(exc)
                         outcome.append(time.monotonic() - start)
@@ -134,3 +136,51 @@ async def test_dask_unreachable_worker_timeout_returns_at_the_documented_deadlin
     assert "no answer from Dask worker" in str(exc)
     # Generous slack for a busy 2-core machine: 0.5 s beyond the documented deadline.
     assert elapsed < timeout + grace + 1.0 + 0.5, elapsed
+
+
+# -- interpreter exit: a child started by another thread while exit handles ours -------
+
+_STARTS_DURING_EXIT = """
+import sys, threading, time
+import anyio, aioproc
+from tests import targets
+
+started = threading.Event()
+
+def keep_running_calls():  # a daemon thread: it runs on while the interpreter exits
+    while True:
+        started.set()
+        try:
+            anyio.run(aioproc.run, targets.sleep, 2.0)
+        except Exception as exc:
+            print("thread:", type(exc).__name__, flush=True)
+
+if __name__ == "__main__":
+    threading.Thread(target=keep_running_calls, daemon=True).start()
+    started.wait()
+    time.sleep(0.3)
+    # Waited for at exit: meanwhile the thread starts a new call's child.
+    aioproc.AsyncProcess(target=targets.sleep, args=(1.0,)).start()
+"""
+
+
+def test_exit_handles_children_started_while_it_runs(tmp_path: Any) -> None:
+    """SPEC 1: "the stdlib's exit handler calls join() synchronously on every active
+    child, so an async join must not turn that into an un-awaited coroutine"."""
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import reaping_orphans
+
+    with reaping_orphans():
+        out = subprocess.run(
+            [sys.executable, "-W", "error::RuntimeWarning", "-c", _STARTS_DURING_EXIT],
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert "thread: ProcessDied" in out.stdout  # exit stopped the first call's child
+    assert "never awaited" not in out.stderr, out.stderr
+    assert out.returncode == 0, out.stderr
