@@ -385,7 +385,8 @@ class Child:
         """Without a pidfd: whether the pid (and group id) still names the child.
 
         Fork and spawn: the kernel says it is our unreaped child, SIGCHLD is not
-        ignored, and — unless *exited* — the child still holds its end of the
+        ignored, and its ``/proc/PID`` directory (Linux) is still there — or,
+        without one and unless *exited*, the child still holds its end of the
         sentinel pipe (if someone else reaped it and the pid went to another
         child of ours, the kernel's answer would be about that one).
         Forkserver: the fork server has not reported its exit.
@@ -396,7 +397,9 @@ class Child:
             return state is Exit.RUNNING
         if state is Exit.GONE or sigchld_ignored():
             return False
-        return exited or not readable_now(popen.sentinel)
+        # With its /proc/PID, exit_state() has checked that the pid is still the
+        # child's; elsewhere its end of the sentinel pipe, held until it dies, tells.
+        return exited or popen.proc_dir >= 0 or not readable_now(popen.sentinel)
 
     def _signal_group(self, sig: int, *, exited: bool = False) -> bool:
         """Signal the child's group; False if there is none (yet), or it is not safe."""

@@ -659,3 +659,13 @@ def say_sigterm_on_fifo(path: str) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     os.write(fd, b"ready\n")
     time.sleep(60)
+
+
+def close_every_descriptor_then_sleep(conn: Connection, seconds: float) -> None:
+    """Close every inherited descriptor but *conn*'s, say ``ready``, close *conn*, sleep."""
+    keep = conn.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 16)
+    conn.send("ready")
+    conn.close()
+    time.sleep(seconds)

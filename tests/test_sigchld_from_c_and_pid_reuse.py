@@ -327,6 +327,39 @@ async def test_after_a_foreign_reap_and_pid_reuse_by_our_other_child_nothing_rea
         assert os.waitpid(other, os.WNOHANG) == (0, 0), "our other child was touched"
 
 
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+@pytest.mark.parametrize("name", ["sigchld", "sentinel", "thread"])
+async def test_no_pidfd_a_child_that_closed_its_descriptors_can_still_be_terminated(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without pidfd, the child's end of the sentinel pipe told whether the pid was
+    still its own; a child that closed every inherited descriptor was never
+    signalled again (terminate() did nothing, the join waited on).  Its
+    ``/proc/PID`` tells instead."""
+    monkeypatch.setattr(aioproc._watchers.pidfd, "supported", False)
+    aioproc.set_watcher(name)  # type: ignore[arg-type]
+    ours, theirs = multiprocessing.Pipe()
+    p = AsyncProcess(
+        target=targets.close_every_descriptor_then_sleep, args=(theirs, DEADLINE), context="fork"
+    )
+    p.start()
+    theirs.close()
+    try:
+        assert await handshake(ours) == "ready"
+        with anyio.fail_after(DEADLINE), pytest.raises(EOFError):
+            await anyio.to_thread.run_sync(ours.recv)  # it closed its end too
+        p.terminate()
+        with anyio.fail_after(DEADLINE):
+            assert await p.join() == -signal.SIGTERM
+    finally:
+        ours.close()
+        if p.exitcode is None:
+            os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            with anyio.fail_after(DEADLINE):
+                await p.join()
+        p.close()
+
+
 # -- SIG_IGN set while a join waits ---------------------------------------------------
 
 
