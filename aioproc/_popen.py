@@ -37,6 +37,7 @@ import select
 import signal
 import sys
 import threading
+import time
 import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -370,9 +371,19 @@ class _ReapedHere(_AioprocPopen):
                 os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
             return True
         # Without a pidfd, waitid has no timeout: the sentinel pipe has one.
-        # Its far end may live on in a grandchild, so it only bounds the wait.
+        # Its far end may live on in a grandchild, so it only bounds the wait;
+        # and it turns readable as the exiting child closes its descriptors, a
+        # moment before the child can be waited for: then a few short naps.
+        deadline = time.monotonic() + timeout
         readable_within(self.sentinel, timeout)
-        return self.exit_state() is not Exit.RUNNING
+        nap = 0.001
+        while self.exit_state() is Exit.RUNNING:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(nap, left))
+            nap = min(nap * 2, 0.05)
+        return True
 
     def _take_pidfd(self) -> int:
         """Open the new child's pidfd, its sentinel from now on; return it.

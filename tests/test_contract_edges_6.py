@@ -133,3 +133,50 @@ def test_exit_handles_children_started_while_it_runs(tmp_path: Any) -> None:
     assert "thread: ProcessDied" in out.stdout  # exit stopped the first call's child
     assert "never awaited" not in out.stderr, out.stderr
     assert out.returncode == 0, out.stderr
+
+
+_DAEMON_WITHOUT_DESCRIPTORS = """
+import multiprocessing
+from aioproc import AsyncProcess
+from aioproc._watchers import pidfd
+from tests import targets
+
+if __name__ == "__main__":
+    pidfd.supported = False  # an old kernel, or a sandbox that refuses pidfd_open
+    ours, theirs = multiprocessing.Pipe()
+    p = AsyncProcess(
+        target=targets.close_every_descriptor_then_sleep, args=(theirs, 60), daemon=True
+    )
+    p.start()
+    theirs.close()
+    assert ours.recv() == "ready"
+    try:
+        ours.recv()
+    except EOFError:  # it has closed every descriptor it inherited
+        print(p.pid, flush=True)
+"""
+
+
+def test_exit_without_pidfd_stops_a_daemon_that_closed_its_descriptors(tmp_path: Any) -> None:
+    """Without pidfd, such a daemon was neither signalled nor waited for at exit: its
+    readable sentinel made exit call it gone, then "still alive long after
+    SIGKILL" (UnkillableProcessWarning), and it slept on.  Exit now terminates
+    it and reaps it, as any daemon."""
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import reaping_orphans, state_of
+
+    with reaping_orphans():
+        out = subprocess.run(
+            [sys.executable, "-c", _DAEMON_WITHOUT_DESCRIPTORS],
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        pid = int(out.stdout)
+        assert state_of(pid) is None, "the daemon outlived the program"
+    assert "UnkillableProcessWarning" not in out.stderr, out.stderr
+    assert out.returncode == 0, out.stderr
