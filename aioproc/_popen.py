@@ -179,7 +179,13 @@ class _AioprocPopen(popen_fork.Popen):
 
     _deferred = False
 
-    def __init__(self, process_obj: BaseProcess, *, deferred: bool = False) -> None:
+    def __init__(
+        self,
+        process_obj: BaseProcess,
+        *,
+        deferred: bool = False,
+        made: list[_AioprocPopen] | None = None,
+    ) -> None:
         # What the stdlib's chain of __init__ methods does (popen_spawn_posix's
         # or popen_forkserver's, then popen_fork's), in one call: after a fork
         # each function a start calls is a page or two copied (see _start).
@@ -190,6 +196,11 @@ class _AioprocPopen(popen_fork.Popen):
         util._flush_std_streams()  # type: ignore[attr-defined]
         self.returncode = None
         self.finalizer = None
+        if made is not None:
+            # Known to the caller before the child exists: an interruption
+            # anywhere from the fork on (trio's KeyboardInterrupt) finds it
+            # there and abandons it (``start_async``).
+            made.append(self)
         self._launch(process_obj)
 
     def _launch(self, process_obj: BaseProcess) -> None:
@@ -402,11 +413,11 @@ class _ReapedHere(_AioprocPopen):
             self.abandon()
             raise unwatchable(exc) from exc
         if fd >= 0:
-            self.pidfd = fd
+            self.pidfd = self._own_sentinel = fd  # closed by abandon() from here on
             try:
                 self._peek()  # None while it runs, a result once exited (unreaped)
             except ChildProcessError:  # reaped by someone else: the pid is not ours
-                self.pidfd = -1
+                self.pidfd = self._own_sentinel = -1
                 os.close(fd)
                 fd = -1
         if fd < 0:
@@ -466,10 +477,16 @@ class ForkPopen(_ReapedHere):
     def _launch(self, process_obj: BaseProcess) -> None:
         if _pidfds_here():
             process_obj._parent_by_pidfd = True  # type: ignore[attr-defined]
-            self.pid = _fork_with_sigint_blocked(process_obj)
-            if self.pid == 0:
-                _run_forked_child(process_obj, (), None)
-            self._take_pidfd()
+            try:
+                if _fork_with_sigint_blocked(self, process_obj) == 0:
+                    _run_forked_child(process_obj, (), None)  # never returns
+                self._take_pidfd()
+            except BaseException:
+                # A Ctrl-C during the fork is delivered as SIGINT is unblocked,
+                # right after it (trio raises KeyboardInterrupt there): the
+                # child exists, and nothing else knows its pid yet.
+                self.abandon()
+                raise
             return
         opened: list[int] = []
         try:
@@ -477,10 +494,11 @@ class ForkPopen(_ReapedHere):
             opened += (parent_r, child_w)
             child_r, parent_w = os.pipe()
             opened += (child_r, parent_w)
-            self.pid = _fork_with_sigint_blocked(process_obj)
+            _fork_with_sigint_blocked(self, process_obj)
         except BaseException:
             for fd in opened:
                 os.close(fd)
+            self.abandon()  # the child, if the interruption came after the fork
             raise
         if self.pid == 0:
             _run_forked_child(process_obj, (parent_r, parent_w), child_r)
@@ -503,19 +521,21 @@ except ImportError:  # pragma: no cover - not CPython
 _SIGINT = (int(signal.SIGINT),)
 
 
-def _fork_with_sigint_blocked(process_obj: BaseProcess) -> int:
-    """``os.fork()`` with SIGINT blocked in this thread around it.
+def _fork_with_sigint_blocked(popen: _AioprocPopen, process_obj: BaseProcess) -> int:
+    """``os.fork()`` with SIGINT blocked in this thread around it; sets ``popen.pid``.
 
     CPython drops the signals pending in a forked child before its first
     bytecode: a SIGINT sent right after ``start()`` (``interrupt()``, a Ctrl-C)
     was lost.  Blocked, it stays pending; the child unblocks it once its
     handlers are its own (``AsyncProcess._bootstrap``).  One meant for this
-    process meanwhile is delivered when the mask is restored.
+    process meanwhile is delivered when the mask is restored, where trio
+    raises KeyboardInterrupt: the pid is kept before that, for the caller's
+    clean-up.
     """
     unblock = _SIGINT[0] not in _sigmask(signal.SIG_BLOCK, _SIGINT)
     process_obj._unblock_sigint = unblock  # type: ignore[attr-defined]
     try:
-        pid = os.fork()
+        pid = popen.pid = os.fork()
     except BaseException:
         if unblock:
             _sigmask(signal.SIG_UNBLOCK, _SIGINT)

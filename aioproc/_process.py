@@ -269,18 +269,18 @@ class AsyncProcess(mp_process.BaseProcess):
 
         method, watch_cls = self._check_startable()
         self._starting = True
-        popen = None
+        made: list[AioprocPopen] = []  # each Popen, from before its child exists
         try:
             # The checkpoint comes first: after a fork, every page the parent
             # touches is copied, so it yields before the fork, not after.
             await anyio.lowlevel.checkpoint()
-            popen = await launch_async(self, method, around_launch)
-            self._started(popen, watch_cls)
+            self._started(await launch_async(self, method, around_launch, made), watch_cls)
         except BaseException:
             # A KeyboardInterrupt (trio raises it wherever Python code runs) or
             # a failure between the child's creation and its handle: no orphan.
-            if popen is not None and self._child is None:
-                popen.abandon()
+            if self._child is None:
+                for popen in made:
+                    popen.abandon()
             raise
         finally:
             self._starting = False

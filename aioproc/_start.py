@@ -82,16 +82,20 @@ def launch(process_obj: BaseProcess, method: str) -> AioprocPopen:
         raise error from exc
 
 
-async def launch_async(process_obj: BaseProcess, method: str, around: Around) -> AioprocPopen:
+async def launch_async(
+    process_obj: BaseProcess, method: str, around: Around, made: list[AioprocPopen]
+) -> AioprocPopen:
     """Start *process_obj*'s child as ``launch()`` does, waiting only in the event loop.
 
     *around* is entered around the part that creates the child (the fork, the
     vfork + exec, the request to the fork server), never across an await.
-    Fails, and is cancelled, leaving nothing open or running.
+    Fails, and is cancelled, leaving nothing open or running.  Each Popen is
+    added to *made* before its child exists: a caller interrupted before it
+    holds the one returned (trio's KeyboardInterrupt lands anywhere) abandons
+    them all.
     """
     cls = POPEN_CLASSES[method]
     with explained():
-        made: list[AioprocPopen] = []
         try:
             return await _once(cls, process_obj, around, made)
         except (ConnectionError, EOFError):
@@ -99,7 +103,7 @@ async def launch_async(process_obj: BaseProcess, method: str, around: Around) ->
                 raise  # the child died reading its data: one failed start, no retry
         await _until_fork_server_exited()
         try:
-            return await _once(cls, process_obj, around)
+            return await _once(cls, process_obj, around, made)
         except EOFError as exc:
             await _until_fork_server_exited()
             raise fork_server_died() from exc
@@ -109,16 +113,18 @@ async def _once(
     cls: type[AioprocPopen],
     process_obj: BaseProcess,
     around: Around,
-    made: list[AioprocPopen] | None = None,
+    made: list[AioprocPopen],
 ) -> AioprocPopen:
-    with around():
-        popen = cls(process_obj, deferred=True)
-    if made is not None:
-        made.append(popen)
+    first = len(made)
     try:
+        # Leaving *around* may raise: SIGINT blocked for the fork is delivered then.
+        with around():
+            cls(process_obj, deferred=True, made=made)
+        popen = made[-1]
         await popen.finish_async()
     except BaseException:
-        popen.abandon()  # a KeyboardInterrupt too: nothing is left behind
+        for popen in made[first:]:
+            popen.abandon()  # a KeyboardInterrupt too: nothing is left behind
         raise
     return popen
 

@@ -1,0 +1,105 @@
+"""Interruptions that land while a child is being started (a hostile review).
+
+trio raises KeyboardInterrupt wherever Python code runs.  aioproc blocks SIGINT
+around the fork (so that the child does not lose it); a Ctrl-C that arrives
+during the fork stays pending and is delivered the moment the mask is
+restored, in the parent, right after the child was created.  That is exactly
+where the child's pid was not yet kept anywhere: the interruption must not
+leave a child running that nothing knows about.
+
+A real SIGINT is sent (while it is blocked), with a handler that raises
+``Interrupted``, which stands for trio's KeyboardInterrupt (a test must not
+raise the real one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import aioproc
+from aioproc._process import AsyncProcess
+
+from . import targets
+from .helpers import children_of_this_process, fork_server_and_helpers, open_fds, warmed_up
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+
+
+class Interrupted(BaseException):
+    """Stands for trio's KeyboardInterrupt; a test must not raise the real one."""
+
+
+@contextlib.contextmanager
+def ctrl_c_during_the_fork(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """SIGINT raises ``Interrupted``; one SIGINT is sent by the parent right after
+    each fork (while aioproc keeps SIGINT blocked around it).  Yields the pids forked."""
+    forked: list[int] = []
+    real_fork = os.fork
+
+    def fork_then_ctrl_c() -> int:
+        pid = real_fork()
+        if pid:
+            forked.append(pid)
+            # To this thread, which blocks it: pending until aioproc unblocks it.
+            # (os.kill would let another thread take it, whose handler then
+            # runs here at once, in this wrapper.)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        return pid
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    monkeypatch.setattr(os, "fork", fork_then_ctrl_c)  # as _popen calls it
+    try:
+        yield forked
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, previous)
+        for pid in forked:  # whatever the outcome, leave nothing for the next test
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def ours_left() -> set[int]:
+    return children_of_this_process() - fork_server_and_helpers()
+
+
+@pytest.mark.parametrize("how", ["start", "start_async", "run"])
+async def test_a_ctrl_c_during_the_fork_leaves_no_child_running(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SIGINT is delivered as the mask is restored, right after the fork.
+    Before the fix the child's pid was lost there: the child ran on, unreaped,
+    forever, and its pidfd stayed open (never a lost child, nothing leaked)."""
+    await warmed_up("fork")
+    before = open_fds()
+    p = AsyncProcess(target=targets.sleep, args=(60,), context="fork")
+
+    async def start() -> None:
+        if how == "run":
+            await aioproc.run(targets.sleep, 60, context="fork")
+        elif how == "start":
+            p.start()
+        else:
+            await p.start_async()
+
+    with ctrl_c_during_the_fork(monkeypatch) as forked:
+        with pytest.raises(Interrupted):
+            await start()
+        [pid] = forked
+        left = ours_left()
+    assert pid not in left, f"child {pid} was left running, known to nothing"
+    # Nothing was started (unused, for run): the process may be started again.
+    assert p.pid is None
+    with pytest.raises(RuntimeError, match="not been started"):
+        p.kill()
+    assert open_fds() == before
