@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,13 @@ import aioproc
 from aioproc._process import AsyncProcess
 
 from . import targets
-from .helpers import children_of_this_process, fork_server_and_helpers, open_fds, warmed_up
+from .helpers import (
+    DEADLINE,
+    children_of_this_process,
+    fork_server_and_helpers,
+    open_fds,
+    warmed_up,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -103,3 +110,53 @@ async def test_a_ctrl_c_during_the_fork_leaves_no_child_running(
     with pytest.raises(RuntimeError, match="not been started"):
         p.kill()
     assert open_fds() == before
+
+
+def read_line(fd: int) -> str:
+    """One line from the non-blocking FIFO *fd* ("" once every writer is gone)."""
+    import select
+    import time
+
+    got = b""
+    end = time.monotonic() + DEADLINE
+    while not got.endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"nothing said within {DEADLINE} s (so far {got!r})")
+        chunk = os.read(fd, 100)
+        if not chunk:
+            return got.decode()
+        got += chunk
+    return got.decode().strip()
+
+
+@pytest.mark.xfail(strict=True, reason="review finding, not fixed: the start abandons (SIGKILL)")
+async def test_an_interruption_while_run_makes_a_running_fork_childs_handle_sends_sigterm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One step before the window test_interrupt_windows.py covers: the fork
+    child already runs its function (it said ``ready``) while ``_started``
+    makes its handle.  An interruption there makes the start abandon the
+    child with SIGKILL, so it never says ``sigterm`` (run: "Cancellation ...
+    terminates and reaps the child the same way": SIGTERM, grace, SIGKILL)."""
+    from aioproc import _process
+
+    await warmed_up("fork")
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    real_child = _process._Child
+
+    def child_then_interrupted(*args: object) -> object:
+        assert read_line(fd) == "ready"
+        raise Interrupted
+
+    monkeypatch.setattr(_process, "_Child", child_then_interrupted)
+    try:
+        with pytest.raises(Interrupted):
+            await aioproc.run(targets.say_sigterm_on_fifo, fifo, context="fork", grace=DEADLINE)
+        monkeypatch.setattr(_process, "_Child", real_child)
+        assert read_line(fd) == "sigterm"
+    finally:
+        os.close(fd)
+
