@@ -174,7 +174,11 @@ class Child:
         # The pidfd names whatever has the pid now.  It is our child if the pid
         # is still held: unreaped (fork, spawn), or not reported exited by the
         # fork server; otherwise it may be a stranger's, and is not kept.
-        state = self.popen.exit_state()
+        try:
+            state = self.popen.exit_state()
+        except BaseException:  # trio's KeyboardInterrupt: the pidfd is not kept yet
+            os.close(fd)
+            raise
         if not (state is Exit.RUNNING or (state is Exit.EXITED and self.popen.reaped_here)):
             os.close(fd)
             return

@@ -20,6 +20,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,7 @@ from .helpers import (
     DEADLINE,
     children_of_this_process,
     fork_server_and_helpers,
+    fork_server_fd,
     open_fds,
     warmed_up,
 )
@@ -160,3 +162,32 @@ async def test_an_interruption_while_run_makes_a_running_fork_childs_handle_send
     finally:
         os.close(fd)
 
+
+async def test_an_interruption_while_the_handle_opens_the_pidfd_of_a_forkserver_child_leaks_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handle of a forkserver child opens the child's pidfd, then asks the
+    fork server's pipe whether the child still runs (Python code: trio's
+    KeyboardInterrupt can land there).  The start abandons the child; before
+    the fix the new pidfd stayed open (no descriptor outlives the process object)."""
+    from aioproc._popen import ForkServerPopen
+
+    await warmed_up("forkserver")
+    before = open_fds() - fork_server_fd()
+    real = ForkServerPopen.exit_state
+    calls: list[int] = []
+
+    def interrupted_once(self: ForkServerPopen) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Interrupted
+        return real(self)
+
+    monkeypatch.setattr(ForkServerPopen, "exit_state", interrupted_once)
+    p = AsyncProcess(target=targets.sleep, args=(60,), context="forkserver")
+    with pytest.raises(Interrupted):
+        await p.start_async()
+    monkeypatch.setattr(ForkServerPopen, "exit_state", real)
+    assert calls
+    assert p.pid is None  # abandoned: killed and reaped (the suite checks no child is left)
+    assert open_fds() - fork_server_fd() == before
