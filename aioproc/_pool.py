@@ -604,6 +604,8 @@ class Pool:
         except BaseException:
             self._slot_freed()
             raise
+        proc: AsyncProcess | None = None
+        w: _Worker | None = None
         try:
             inherits = POPEN_CLASSES[self._method].inherits_memory
             proc = AsyncProcess(
@@ -617,7 +619,21 @@ class Pool:
             proc._stop_at_exit = True  # a pool left open at interpreter exit: stopped
             proc._exit_grace = self._grace
             await proc._start_async(lambda: _run._sigint_blocked(self._method))
+            w = _Worker(proc, req_w, res_r, self._loop)
+            if not self._shutting_down:  # else the pool closed while this worker started
+                _parent_ends.update((w.req_fd, w.res_fd))
+                self._all.add(w)
+                assert self._tg is not None
+                self._tg.start_soon(self._task, self._watch, w)
+                return w
         except BaseException:
+            # Also trio's KeyboardInterrupt once the worker exists, before its
+            # watcher does: nothing else would stop it.
+            if w is not None:
+                self._all.discard(w)
+                _parent_ends.difference_update((w.req_fd, w.res_fd))
+            if proc is not None and proc._child is not None:
+                await self._kill_unwatched(proc)
             req_w.close()
             res_r.close()
             self._slot_freed()
@@ -625,24 +641,21 @@ class Pool:
         finally:
             req_r.close()
             res_w.close()
-        w = _Worker(proc, req_w, res_r, self._loop)
-        if self._shutting_down:  # the pool closed while this worker started
-            with anyio.CancelScope(shield=True):
-                proc.kill()
-                await proc.join(_run._KILL_WAIT)
-            if proc.exitcode is None:
-                adopt(proc)
-            else:
-                proc.close()
-            req_w.close()
-            res_r.close()
-            self._slot_freed()
-            raise PoolClosed("the pool closed while this call started a worker for it")
-        _parent_ends.update((w.req_fd, w.res_fd))
-        self._all.add(w)
-        assert self._tg is not None
-        self._tg.start_soon(self._task, self._watch, w)
-        return w
+        await self._kill_unwatched(proc)
+        req_w.close()
+        res_r.close()
+        self._slot_freed()
+        raise PoolClosed("the pool closed while this call started a worker for it")
+
+    async def _kill_unwatched(self, proc: AsyncProcess) -> None:
+        """SIGKILL and reap a new worker that has no watcher; adopted if it survives."""
+        with anyio.CancelScope(shield=True):
+            proc.kill()
+            await proc.join(_run._KILL_WAIT)
+        if proc.exitcode is None:
+            adopt(proc)
+        else:
+            proc.close()
 
     async def _task(self, func: Callable[..., Any], *args: Any) -> None:
         """Run a task of the pool's group, counted so that closing knows when all ended.

@@ -191,3 +191,32 @@ async def test_an_interruption_while_the_handle_opens_the_pidfd_of_a_forkserver_
     assert calls
     assert p.pid is None  # abandoned: killed and reaped (the suite checks no child is left)
     assert open_fds() - fork_server_fd() == before
+
+
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+async def test_an_interruption_after_a_pool_worker_started_leaves_no_worker(
+    context: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker exists (``start_async`` returned) and the pool is making its
+    record of it when the interruption lands.  Before the fix nothing knew of
+    the worker any more: it was left running after ``async with`` ended, with
+    its pidfd open ("either way no worker is left")."""
+    from aioproc import _pool
+
+    await warmed_up(context)
+    before = open_fds() - fork_server_fd()
+    pids: list[int] = []
+    real_worker = _pool._Worker
+
+    def worker_then_interrupted(proc: AsyncProcess, *args: Any) -> Any:
+        pids.append(proc.pid)  # type: ignore[arg-type]
+        raise Interrupted
+
+    monkeypatch.setattr(_pool, "_Worker", worker_then_interrupted)
+    with pytest.raises(Interrupted):
+        async with aioproc.Pool(1, context=context) as pool:
+            await pool.run(targets.add, 1, 2)
+    monkeypatch.setattr(_pool, "_Worker", real_worker)
+    [pid] = pids
+    assert pid not in ours_left(), f"pool worker {pid} was left behind"
+    assert open_fds() - fork_server_fd() == before
