@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import aioproc
@@ -34,6 +35,8 @@ from .helpers import (
     fork_server_and_helpers,
     fork_server_fd,
     open_fds,
+    pid_exists,
+    state_of,
     warmed_up,
 )
 
@@ -220,3 +223,50 @@ async def test_an_interruption_after_a_pool_worker_started_leaves_no_worker(
     [pid] = pids
     assert pid not in ours_left(), f"pool worker {pid} was left behind"
     assert open_fds() - fork_server_fd() == before
+
+
+@pytest.mark.xfail(strict=True, reason="review finding, not fixed: the spawned pid is lost")
+@pytest.mark.parametrize("how", ["start", "start_async"])
+async def test_an_interruption_right_after_the_spawn_leaves_no_child(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C during a spawn start: the signal arrives while the vfork + exec
+    runs in C, and trio raises KeyboardInterrupt in the first Python line after
+    it, inside ``multiprocessing.util.spawnv_passfds``, before its pid is
+    returned.  Unlike fork (and ``run``, which blocks SIGINT around the
+    start), nothing blocks SIGINT around a plain spawn start: the new child
+    is known to nothing, and is never reaped (never a lost child)."""
+    from multiprocessing import util
+
+    await warmed_up("spawn")
+    real = util.spawnv_passfds
+    pids: list[int] = []
+
+    def spawned_then_interrupted(*args: Any) -> int:
+        pids.append(real(*args))
+        raise Interrupted
+
+    monkeypatch.setattr(util, "spawnv_passfds", spawned_then_interrupted)
+    p = AsyncProcess(target=targets.sleep, args=(60,), context="spawn")
+
+    async def start() -> None:
+        if how == "start":
+            p.start()
+        else:
+            await p.start_async()
+
+    try:
+        with pytest.raises(Interrupted):
+            await start()
+        monkeypatch.setattr(util, "spawnv_passfds", real)
+        [pid] = pids
+        with anyio.move_on_after(3):  # it exits at once: its data pipe is closed
+            while pid_exists(pid):
+                await anyio.sleep(0.01)
+        assert not pid_exists(pid), f"spawned child {pid} is left ({state_of(pid)}), unreaped"
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
