@@ -680,6 +680,11 @@ class SpawnPopen(_ReapedHere, popen_spawn_posix.Popen):
                 self._fds.append(tracker_fd)
             by_pidfd = _pidfds_here()
             process_obj._parent_by_pidfd = by_pidfd  # type: ignore[attr-defined]
+            # SIGINT is blocked around the vfork + exec (``_spawn``); the child
+            # unblocks it unless it was blocked here already (run's children).
+            process_obj._unblock_sigint = (  # type: ignore[attr-defined]
+                _SIGINT[0] not in _sigmask(signal.SIG_BLOCK, ())
+            )
             self._data = self._pickled(process_obj)
             if by_pidfd:
                 self._launch_by_pidfd()
@@ -693,11 +698,19 @@ class SpawnPopen(_ReapedHere, popen_spawn_posix.Popen):
 
     def _spawn(self, child_r: int) -> None:
         cmd = spawn.get_command_line(tracker_fd=self._fds[0], pipe_handle=child_r)
-        self.pid = util.spawnv_passfds(
-            spawn.get_executable(),  # type: ignore[arg-type]
-            cmd,
-            self._fds,
-        )
+        # With SIGINT blocked, as a fork is: a Ctrl-C during the vfork + exec
+        # is delivered (trio raises KeyboardInterrupt) once the pid is kept,
+        # not inside spawnv_passfds, where the new child would be lost.
+        unblock = _SIGINT[0] not in _sigmask(signal.SIG_BLOCK, _SIGINT)
+        try:
+            self.pid = util.spawnv_passfds(
+                spawn.get_executable(),  # type: ignore[arg-type]
+                cmd,
+                self._fds,
+            )
+        finally:
+            if unblock:
+                _sigmask(signal.SIG_UNBLOCK, _SIGINT)
 
     def _launch_by_pidfd(self) -> None:
         """One pipe for the data, closed once it is sent; the pidfd is the sentinel."""

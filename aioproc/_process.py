@@ -586,6 +586,8 @@ class AsyncProcess(mp_process.BaseProcess):
             # A fresh context: no context variable of the parent's loop leaks in.
             code: int = _Context().run(bootstrap, parent_sentinel)
         else:  # a spawn child: a new interpreter, its context empty
+            if self._unblock_sigint:  # blocked around the spawn: see _popen
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT,))
             code = bootstrap(parent_sentinel)
         return code
 

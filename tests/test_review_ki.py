@@ -225,7 +225,6 @@ async def test_an_interruption_after_a_pool_worker_started_leaves_no_worker(
     assert open_fds() - fork_server_fd() == before
 
 
-@pytest.mark.xfail(strict=True, reason="review finding, not fixed: the spawned pid is lost")
 @pytest.mark.parametrize("how", ["start", "start_async"])
 async def test_an_interruption_right_after_the_spawn_leaves_no_child(
     how: str, monkeypatch: pytest.MonkeyPatch
@@ -233,20 +232,26 @@ async def test_an_interruption_right_after_the_spawn_leaves_no_child(
     """A Ctrl-C during a spawn start: the signal arrives while the vfork + exec
     runs in C, and trio raises KeyboardInterrupt in the first Python line after
     it, inside ``multiprocessing.util.spawnv_passfds``, before its pid is
-    returned.  Unlike fork (and ``run``, which blocks SIGINT around the
-    start), nothing blocks SIGINT around a plain spawn start: the new child
-    is known to nothing, and is never reaped (never a lost child)."""
+    returned.  Before the fix nothing blocked SIGINT around a plain spawn start
+    (``run`` does): the new child was known to nothing and never reaped (never
+    a lost child).  Now it is blocked, and delivered once the pid is kept."""
     from multiprocessing import util
 
     await warmed_up("spawn")
     real = util.spawnv_passfds
     pids: list[int] = []
 
-    def spawned_then_interrupted(*args: Any) -> int:
-        pids.append(real(*args))
+    def spawned_then_ctrl_c(*args: Any) -> int:
+        pid = real(*args)
+        pids.append(pid)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        return pid
+
+    def interrupted(signum: int, frame: object) -> None:
         raise Interrupted
 
-    monkeypatch.setattr(util, "spawnv_passfds", spawned_then_interrupted)
+    monkeypatch.setattr(util, "spawnv_passfds", spawned_then_ctrl_c)
+    previous = signal.signal(signal.SIGINT, interrupted)
     p = AsyncProcess(target=targets.sleep, args=(60,), context="spawn")
 
     async def start() -> None:
@@ -258,6 +263,7 @@ async def test_an_interruption_right_after_the_spawn_leaves_no_child(
     try:
         with pytest.raises(Interrupted):
             await start()
+        signal.signal(signal.SIGINT, previous)
         monkeypatch.setattr(util, "spawnv_passfds", real)
         [pid] = pids
         with anyio.move_on_after(3):  # it exits at once: its data pipe is closed
@@ -265,6 +271,7 @@ async def test_an_interruption_right_after_the_spawn_leaves_no_child(
                 await anyio.sleep(0.01)
         assert not pid_exists(pid), f"spawned child {pid} is left ({state_of(pid)}), unreaped"
     finally:
+        signal.signal(signal.SIGINT, previous)
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
