@@ -257,6 +257,12 @@ class _AioprocPopen(popen_fork.Popen):
         """False in a forked copy of the parent: the child is not ours there."""
         return self._owner == os.getpid()
 
+    def running_here(self) -> bool:
+        """Whether this started a child that runs still (not abandoned, not exited)."""
+        if not getattr(self, "pid", None) or self._abandoned or not self.owned_here():
+            return False
+        return self.returncode is None and self.exit_state() is Exit.RUNNING
+
     # -- deferred starts -------------------------------------------------------------
 
     def _pickled(self, process_obj: BaseProcess) -> memoryview:

@@ -261,8 +261,15 @@ class AsyncProcess(mp_process.BaseProcess):
         """
         await self._start_async(contextlib.nullcontext)
 
-    async def _start_async(self, around_launch: Around) -> None:
-        """``start_async()``, entering *around_launch* while the child is created."""
+    async def _start_async(
+        self, around_launch: Around, unheld: list[AioprocPopen] | None = None
+    ) -> None:
+        """``start_async()``, entering *around_launch* while the child is created.
+
+        Interrupted after a fork child exists and before its handle does, the
+        start abandons it (SIGKILL), unless *unheld* is given: then its Popen
+        goes there, for the caller to stop it as it stops a child it holds.
+        """
         import anyio.lowlevel
 
         from ._start import launch_async
@@ -280,7 +287,10 @@ class AsyncProcess(mp_process.BaseProcess):
             # a failure between the child's creation and its handle: no orphan.
             if self._child is None:
                 for popen in made:
-                    popen.abandon()
+                    if unheld is not None and popen.inherits_memory and popen.running_here():
+                        unheld.append(popen)  # a fork child may run its target already
+                    else:
+                        popen.abandon()
             raise
         finally:
             self._starting = False
@@ -323,10 +333,12 @@ class AsyncProcess(mp_process.BaseProcess):
         try:
             # (No keywords: their names are objects too; see _start.)
             child = _Child(popen, watch_cls, self._new_process_group, self._kill_group_at_exit)
-        except BaseException as exc:
+        except OSError as exc:
             popen.abandon()
-            if isinstance(exc, OSError):
-                raise _unwatchable(exc) from exc
+            raise _unwatchable(exc) from exc
+        except BaseException:
+            if not self._starting:  # start(); start_async() decides for itself
+                popen.abandon()
             raise
         self._child = child
         self._popen = popen

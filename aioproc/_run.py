@@ -80,7 +80,7 @@ from ._exceptions import (
     UnkillableProcessWarning,
 )
 from ._exit import DEFAULT_GRACE, KILL_WAIT, adopt, reap_stragglers
-from ._popen import POPEN_CLASSES
+from ._popen import POPEN_CLASSES, AioprocPopen
 from ._process import AsyncProcess
 from ._runchild import Call, child_main
 from ._usage import ResourceUsage
@@ -321,6 +321,21 @@ async def _stop(
     return None, f"{done} and is still alive (see the UnkillableProcessWarning)", None
 
 
+async def _stop_unheld(popen: AioprocPopen, grace: float) -> None:
+    """Stop a fork child whose start was interrupted before its handle was made.
+
+    It may run the function already, so it gets what a held child gets:
+    SIGTERM, at most *grace* seconds, then SIGKILL (``abandon``), reaped.
+    """
+    with anyio.CancelScope(shield=True):
+        if popen.running_here():
+            # Unreaped, so the pid is still the child's.
+            os.kill(popen.pid, signal.SIGTERM)
+            with anyio.move_on_after(grace):
+                await anyio.wait_readable(popen.sentinel)
+    popen.abandon()
+
+
 def _stop_now(proc: AsyncProcess) -> None:
     """Stop the child without awaiting: SIGKILL, and reap it later if need be."""
     if proc.is_alive():
@@ -404,11 +419,13 @@ async def run(
         die_with_parent=die_with_parent,
         grace=grace,
     )
+    unheld: list[AioprocPopen] = []
     try:
         try:
             # SIGINT is blocked only while the child is created, never across
             # an await: other tasks' children must not inherit the mask.
-            await proc._start_async(functools.partial(_sigint_blocked, ctx.get_start_method()))
+            around = functools.partial(_sigint_blocked, ctx.get_start_method())
+            await proc._start_async(around, unheld)
         finally:
             for end in child_ends:
                 end.close()
@@ -422,6 +439,8 @@ async def run(
             await _stop(proc, inbox, grace)
         else:
             inbox.close()
+            for popen in unheld:
+                await _stop_unheld(popen, grace)
         raise
     if deadline.cancelled_caught:
         stopped_code, done, usage = await _stop(proc, inbox, grace)
