@@ -551,6 +551,22 @@ def _fork_with_sigint_blocked(popen: _AioprocPopen, process_obj: BaseProcess) ->
     return pid
 
 
+def protect_from_trio_ki() -> None:
+    """Once trio is imported: its KeyboardInterrupt waits while a child is created.
+
+    SIGINT is blocked in the forking thread, but another thread (trio's guest
+    mode I/O thread, a worker thread) may take it; Python then runs trio's
+    handler in this thread at its next chance, which can be right after
+    ``os.fork()`` returns, before the pid is kept.  trio delivers the
+    KeyboardInterrupt at the task's next checkpoint instead when the frame
+    running is protected (trio >= 0.27 keys that by code object, so the
+    functions stay as they are).
+    """
+    lowlevel = sys.modules["trio.lowlevel"]
+    for cls in POPEN_CLASSES.values():
+        lowlevel.enable_ki_protection(cls.__dict__["_launch"])
+
+
 def unwatchable(exc: OSError) -> OSError:
     """The error for a child that exists but cannot be watched (it has been killed and reaped)."""
     name = errno.errorcode.get(exc.errno or 0, "unknown error")

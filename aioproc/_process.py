@@ -74,6 +74,18 @@ def _bind_parent_side() -> None:
     _parent_side_bound = True
 
 
+#: Whether the start paths are registered with trio's KeyboardInterrupt protection.
+_trio_protected = False
+
+
+def _protect_from_trio_ki() -> None:
+    global _trio_protected
+    from ._popen import protect_from_trio_ki
+
+    protect_from_trio_ki()
+    _trio_protected = True
+
+
 # What a forked child (fork, forkserver) needs to start clean, bound wherever
 # children are forked: on import (so a fork server that preloads aioproc spares
 # its children the imports), and by _bind_parent_side.  A spawn child is a new
@@ -317,6 +329,8 @@ class AsyncProcess(mp_process.BaseProcess):
             )
         if not _parent_side_bound:
             _bind_parent_side()
+        if not _trio_protected and "trio.lowlevel" in sys.modules:
+            _protect_from_trio_ki()
         method = start_method_of(self._ctx)
         if self._die_with_parent:
             check_die_with_parent(True, method)

@@ -312,3 +312,31 @@ async def test_an_interruption_right_after_the_spawn_leaves_no_child(
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+
+
+def test_a_ctrl_c_taken_by_another_thread_during_the_fork_loses_no_child() -> None:
+    """SIGINT is blocked in the forking thread, but another thread (trio's guest-mode
+    I/O thread, a worker thread) may take it; Python then runs trio's handler in
+    the main thread right after ``os.fork()`` returns, before the pid is kept.
+    trio now delivers that KeyboardInterrupt at the task's next checkpoint: the
+    child is held, and the script kills and reaps it.  Before, it was lost
+    (the script printed ``lost``, and the child slept on as an orphan)."""
+    import subprocess
+    import sys
+
+    from .helpers import reaping_orphans
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with reaping_orphans():
+        out = subprocess.run(
+            [sys.executable, "-m", "tests.scripts.ctrl_c_in_another_thread"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        said = out.stdout.split()
+        assert said[:1] == ["forked"], out.stdout + out.stderr
+        child = int(said[1])
+        assert state_of(child) is None, f"the child (pid {child}) outlived the program"
+    assert said[2:] == ["interrupted", "reaped"], out.stdout + out.stderr
