@@ -559,12 +559,12 @@ def protect_from_trio_ki() -> None:
     handler in this thread at its next chance, which can be right after
     ``os.fork()`` returns, before the pid is kept.  trio delivers the
     KeyboardInterrupt at the task's next checkpoint instead when the frame
-    running is protected (trio >= 0.27 keys that by code object, so the
-    functions stay as they are).
+    running is protected.  (trio >= 0.28 records the code object and returns
+    the function itself; before, it returns a wrapper, which takes its place.)
     """
     lowlevel = sys.modules["trio.lowlevel"]
     for cls in POPEN_CLASSES.values():
-        lowlevel.enable_ki_protection(cls.__dict__["_launch"])
+        cls._launch = lowlevel.enable_ki_protection(cls.__dict__["_launch"])  # type: ignore[method-assign]
 
 
 def unwatchable(exc: OSError) -> OSError:
