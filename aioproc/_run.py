@@ -80,7 +80,7 @@ from ._exceptions import (
     UnkillableProcessWarning,
 )
 from ._exit import DEFAULT_GRACE, KILL_WAIT, adopt, reap_stragglers
-from ._popen import POPEN_CLASSES, AioprocPopen
+from ._popen import POPEN_CLASSES, AioprocPopen, Exit
 from ._process import AsyncProcess
 from ._runchild import Call, child_main
 from ._usage import ResourceUsage
@@ -321,18 +321,35 @@ async def _stop(
     return None, f"{done} and is still alive (see the UnkillableProcessWarning)", None
 
 
-async def _stop_unheld(popen: AioprocPopen, grace: float) -> None:
+async def _stop_unheld(popen: AioprocPopen, grace: float, group: bool) -> None:
     """Stop a fork child whose start was interrupted before its handle was made.
 
     It may run the function already, so it gets what a held child gets:
-    SIGTERM, at most *grace* seconds, then SIGKILL (``abandon``), reaped.
+    SIGTERM, at most *grace* seconds, then SIGKILL (``abandon``), reaped; and
+    with *group*, its process group too (what the function started), while
+    the leader is unreaped (so the group id cannot be a stranger's).
     """
+
+    def signal_tree(sig: int) -> None:
+        if (
+            not popen.owned_here()
+            or popen.returncode is not None
+            or popen.exit_state() is Exit.GONE
+        ):
+            return
+        # Unreaped, so the pid (and a group of that id) is still the child's.
+        if group:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(popen.pid, sig)  # no group yet: ESRCH
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(popen.pid, sig)
+
     with anyio.CancelScope(shield=True):
         if popen.running_here():
-            # Unreaped, so the pid is still the child's.
-            os.kill(popen.pid, signal.SIGTERM)
+            signal_tree(signal.SIGTERM)
             with anyio.move_on_after(grace):
                 await anyio.wait_readable(popen.sentinel)
+        signal_tree(signal.SIGKILL)
     popen.abandon()
 
 
@@ -440,7 +457,7 @@ async def run(
         else:
             inbox.close()
             for popen in unheld:
-                await _stop_unheld(popen, grace)
+                await _stop_unheld(popen, grace, new_process_group)
         raise
     if deadline.cancelled_caught:
         stopped_code, done, usage = await _stop(proc, inbox, grace)
