@@ -103,10 +103,13 @@ _trampoline: int | None = None
 class _CAction:
     """A SIGCHLD action installed from C, which ours replaced: chained to, put back."""
 
-    def __init__(self, action: Any) -> None:
+    def __init__(self, action: Any, python: Any = None) -> None:
         import ctypes  # noqa: PLC0415
 
         self.action = action
+        #: What Python's signal module had for SIGCHLD: the C handler may chain
+        #: to it (through CPython's C-level handler), so it is kept and put back.
+        self.python = python
         self.handler = _handler_of(action)
         # Called as sa_sigaction(signum, info, context): a plain sa_handler
         # ignores the extra arguments (the C calling convention allows it).
@@ -121,8 +124,9 @@ class _CAction:
             self._call(signum, self._info, None)
 
     def restore(self) -> None:
-        """Put this action back (Python's signal module still says SIG_DFL)."""
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        """Put this action back, and Python's handler below it."""
+        python = self.python if self.python is not None else signal.SIG_DFL
+        signal.signal(signal.SIGCHLD, python)
         _sigaction(self.action)
 
 
@@ -135,7 +139,7 @@ def _install_ours() -> Any:
         _trampoline = _os_handler()
         handler = _handler_of(before)
         if handler not in (0, _trampoline):  # set from C, not through Python
-            return _CAction(before)
+            return _CAction(before, previous)
         if handler == 0:
             return signal.SIG_DFL
     return previous
@@ -222,6 +226,9 @@ def _on_sigchld(signum: int, frame: Any) -> None:
         # on to the program's own, once.
         if _in_handler == 1:
             original = _original_handler
+            below = getattr(_previous_handler, "python", None)
+            if callable(below) and below is not _on_sigchld:
+                original = below  # a C handler chained to the Python one it replaced
             if callable(original) and original is not _previous_handler:
                 _in_handler = 2
                 try:
