@@ -197,6 +197,9 @@ class Child:
             fd = os.open(f"/proc/{self.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # The caller abandons the Popen, which closes these; unmarked
+                # now, not when this half-made handle is collected.
+                self._release_fds()
                 raise
             return  # no /proc here
         self._proc_dir = self.popen.proc_dir = fd

@@ -632,27 +632,32 @@ class Pool:
             if w is not None:
                 self._all.discard(w)
                 _parent_ends.difference_update((w.req_fd, w.res_fd))
-            if proc is not None and proc._child is not None:
-                await self._kill_unwatched(proc)
-            req_w.close()
-            res_r.close()
-            self._slot_freed()
+            try:
+                if proc is not None and proc._child is not None:
+                    await self._kill_unwatched(proc)
+            finally:
+                req_w.close()
+                res_r.close()
+                self._slot_freed()
             raise
         finally:
             req_r.close()
             res_w.close()
-        await self._kill_unwatched(proc)
-        req_w.close()
-        res_r.close()
-        self._slot_freed()
+        try:
+            await self._kill_unwatched(proc)
+        finally:
+            req_w.close()
+            res_r.close()
+            self._slot_freed()
         raise PoolClosed("the pool closed while this call started a worker for it")
 
     async def _kill_unwatched(self, proc: AsyncProcess) -> None:
         """SIGKILL and reap a new worker that has no watcher; adopted if it survives."""
         with anyio.CancelScope(shield=True):
             proc.kill()
-            await proc.join(_run._KILL_WAIT)
-        if proc.exitcode is None:
+            with contextlib.suppress(ExitStatusLost):  # reaped by someone else: gone
+                await proc.join(_run._KILL_WAIT)
+        if proc.is_alive():
             adopt(proc)
         else:
             proc.close()

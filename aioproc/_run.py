@@ -349,7 +349,9 @@ async def _stop_unheld(popen: AioprocPopen, grace: float, group: bool) -> None:
             signal_tree(signal.SIGTERM)
             with anyio.move_on_after(grace):
                 await anyio.wait_readable(popen.sentinel)
-        signal_tree(signal.SIGKILL)
+            signal_tree(signal.SIGKILL)
+            with anyio.move_on_after(_KILL_WAIT):  # abandon() then reaps without waiting long
+                await anyio.wait_readable(popen.sentinel)
     popen.abandon()
 
 

@@ -69,6 +69,9 @@ def _sigaction(new: Any) -> Any:
     global _libc
     if _libc is False:
         return None
+    if _libc is None and os.uname().machine.startswith("mips"):
+        _libc = False  # glibc's struct sigaction puts sa_flags first there
+        return None
     try:
         import ctypes  # noqa: PLC0415 - only where sigchld is used
 

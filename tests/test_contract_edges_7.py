@@ -1,11 +1,19 @@
-"""Review of 2918ee2..HEAD: reproducers."""
+"""Edges a review of the 2026-12-08 changes found broken (now kept): an interrupted
+``run`` start's unheld child left its process group running; a Python SIGCHLD
+handler under a C-level one was lost once the sigchld watcher put the C one back."""
+
 from __future__ import annotations
 
+import ctypes
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 import aioproc
@@ -13,6 +21,14 @@ from aioproc import _process
 from aioproc._process import AsyncProcess
 
 from .helpers import DEADLINE, state_of, warmed_up
+from .test_sigchld_from_c_and_pid_reuse import (
+    _SRAND,
+    c_disposition,
+    c_install,
+    joined_while,
+    sigchld_put_back,  # noqa: F401 - the fixture
+    started_child,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -33,6 +49,7 @@ def fork_grandchild_then_ready(path: str) -> None:
 
 def _read_line(fd: int) -> str:
     import select
+
     got = b""
     end = time.monotonic() + DEADLINE
     while not got.endswith(b"\n"):
@@ -74,20 +91,6 @@ async def test_interrupted_before_handle_leaves_no_grandchild(
 
 # -- sigchld: a Python handler below a C one ------------------------------------------
 
-import ctypes  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from .test_sigchld_from_c_and_pid_reuse import (  # noqa: E402
-    _SRAND,
-    c_disposition,
-    c_install,
-    joined_while,
-    sigchld_put_back,  # noqa: F401 - the fixture
-    started_child,
-)
-
 _CHAIN_C = r"""
 #include <signal.h>
 #include <string.h>
@@ -104,9 +107,13 @@ int install(void) {
 """
 
 
-def _other_child_exits() -> None:
+def _other_child_exits(seen: list[int]) -> None:
+    """A subprocess exits; wait (DEADLINE at most) for *seen* to grow."""
+    before = len(seen)
     subprocess.run([sys.executable, "-c", "pass"], check=True)
-    time.sleep(0.1)  # the Python handler runs at the next bytecode; give it a moment
+    deadline = time.monotonic() + DEADLINE
+    while len(seen) == before and time.monotonic() < deadline:
+        time.sleep(0.001)  # the Python handler runs between bytecodes
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's struct sigaction layout")
@@ -137,19 +144,48 @@ async def test_python_handler_below_a_chaining_c_handler_keeps_running(tmp_path:
     aioproc watches, and after."""
     src, lib = tmp_path / "chain.c", tmp_path / "libchain.so"
     src.write_text(_CHAIN_C)
-    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    await anyio.run_process(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)])
     chain = ctypes.CDLL(str(lib))
     seen: list[int] = []
     signal.signal(signal.SIGCHLD, lambda signum, frame: seen.append(signum))
     assert chain.install() == 0
-    _other_child_exits()
+    _other_child_exits(seen)
     assert seen, "setup: the C handler does not chain to Python's"
     p, ours = await started_child(7)
     del seen[:]
     assert await joined_while(p, ours) == 7
     p.close()
     while_watching = len(seen)
-    _other_child_exits()
+    _other_child_exits(seen)
     after = len(seen) - while_watching
     assert while_watching, "the program's Python SIGCHLD handler did not run while aioproc watched"
     assert after, "the program's Python SIGCHLD handler no longer runs after aioproc watched"
+
+
+def test_no_pidfd_emfile_opening_proc_dir_leaves_no_descriptor_marked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without pidfd, the handle marks the stdlib's pipes as held, then opens the
+    child's ``/proc/PID``; EMFILE there fails the start (the child is killed and
+    reaped).  The marks went only when the half-made handle was collected, by
+    then possibly on another child's descriptors of the same numbers."""
+    import errno
+
+    from aioproc import _fds
+    from aioproc._watchers import pidfd
+
+    monkeypatch.setattr(pidfd, "supported", False)
+    real_open = os.open
+
+    def no_more_descriptors(path: object, *args: object, **kwargs: object) -> int:
+        if isinstance(path, str) and path.startswith("/proc/") and path[6:].isdigit():
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_more_descriptors)
+    p = AsyncProcess(target=time.sleep, args=(30,), context="fork")
+    with pytest.raises(OSError, match="EMFILE") as caught:
+        p.start()
+    monkeypatch.setattr(os, "open", real_open)
+    assert caught.value.errno == errno.EMFILE
+    assert not any(_fds._held), "descriptors still marked as held for a child"
