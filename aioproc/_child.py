@@ -106,9 +106,6 @@ class Child:
     _lost_reported = False
     #: The duplicate of the Popen's sentinel given out as ``sentinel``; -1 until asked for.
     _given_sentinel = -1
-    #: Without a pidfd (Linux): the child's ``/proc/PID`` directory, opened at
-    #: start, which tells the Popen whether the pid still names the child.
-    _proc_dir = -1
     #: The watch, made when a join first waits (``_wait_exited``): a child
     #: that has exited by its first join never needs one, and a start that
     #: allocates less writes fewer pages (see _start on why that counts).
@@ -202,7 +199,7 @@ class Child:
                 self._release_fds()
                 raise
             return  # no /proc here
-        self._proc_dir = self.popen.proc_dir = fd
+        self.popen.proc_dir = fd  # the Popen asks it; this handle closes it
         _fds.hold(fd)
 
     # -- state -------------------------------------------------------------------
@@ -442,7 +439,7 @@ class Child:
         """Release everything; the child must have exited and been collected (or lost)."""
         if os.getpid() != self._parent_pid:
             # A forked copy: the numbers may name this process's own files by now.
-            self.pidfd = self._given_sentinel = self._proc_dir = self.popen.proc_dir = -1
+            self.pidfd = self._given_sentinel = self.popen.proc_dir = -1
             self._fds, self._watch = (), None
             self.popen.close()  # its closers check their owner too
             return
@@ -464,26 +461,26 @@ class Child:
         given, self._given_sentinel = self._given_sentinel, -1
         if given >= 0:
             os.close(given)
-        proc_dir, self._proc_dir = self._proc_dir, -1
+        proc_dir, self.popen.proc_dir = self.popen.proc_dir, -1
         if proc_dir >= 0:
-            self.popen.proc_dir = -1
             os.close(proc_dir)
         self.popen.close()
 
     def _release_fds(self) -> None:
         fds, self._fds = self._fds, ()
         if os.getpid() == self._parent_pid:
-            _fds.release(*fds, self.pidfd, self._given_sentinel, self._proc_dir)
+            _fds.release(*fds, self.pidfd, self._given_sentinel, self.popen.proc_dir)
 
     def __del__(self) -> None:
-        if self.pidfd < 0 and self._given_sentinel < 0 and self._proc_dir < 0 and not self._fds:
+        proc_dir = self.popen.proc_dir
+        if self.pidfd < 0 and self._given_sentinel < 0 and proc_dir < 0 and not self._fds:
             return  # closed
         if os.getpid() != self._parent_pid:
             return  # a forked copy: the descriptors are not ours
         self._release_fds()
         pidfd, self.pidfd = self.pidfd, -1
         given, self._given_sentinel = self._given_sentinel, -1
-        proc_dir, self._proc_dir = self._proc_dir, -1
+        self.popen.proc_dir = -1
         for fd in (pidfd if self._own_pidfd else -1, given, proc_dir):
             if fd >= 0:
                 with contextlib.suppress(OSError):
